@@ -13,6 +13,7 @@ Conventions (see ``docs`` in the README):
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +24,11 @@ from .errors import GenRefocusInputError
 
 __all__ = [
     "MAX_COC",
+    "DefocusMap",
+    "FocusTarget",
     "coc_preview",
     "defocus_condition_map",
+    "defocus_map",
     "disparity_from_depth",
     "disparity_preview",
     "focus_disparity_center",
@@ -296,3 +300,101 @@ def disparity_preview(disparity: Tensor) -> Tensor:
     lo = disparity.amin(dim=(1, 2, 3), keepdim=True)
     hi = disparity.amax(dim=(1, 2, 3), keepdim=True)
     return ((disparity - lo) / (hi - lo).clamp_min(1e-12)).expand(-1, 3, -1, -1).clone()
+
+
+@dataclass(frozen=True)
+class FocusTarget:
+    """Where to focus, resolved against a disparity map by :meth:`resolve`.
+
+    Attributes:
+        kind: ``"point"`` (``x``, ``y`` normalised to [0, 1] of the image width/height),
+            ``"mask"`` (median disparity inside ``mask``), ``"center"`` or ``"disparity"``
+            (``value`` directly, in the map's unit).
+        x: normalised horizontal position for ``"point"``, 0 = left edge, 1 = right edge.
+        y: normalised vertical position for ``"point"``, 0 = top, 1 = bottom.
+        mask: ``(B, 1, h, w)`` in [0, 1] for ``"mask"`` (any size; resized NEAREST).
+        threshold: mask pixels strictly above it count.
+        value: focus disparity for ``"disparity"``.
+    """
+
+    kind: str = "center"
+    x: float = 0.5
+    y: float = 0.5
+    mask: Tensor | None = field(default=None, compare=False, repr=False)
+    threshold: float = 0.5
+    value: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("point", "mask", "center", "disparity"):
+            raise GenRefocusInputError(
+                f"kind must be one of point, mask, center, disparity, got {self.kind!r}"
+            )
+        if self.kind == "point":
+            for name in ("x", "y"):
+                check_number(name, getattr(self, name), lo=0.0, hi=1.0)
+        if self.kind == "mask":
+            if self.mask is None:
+                raise GenRefocusInputError("mask must be given for a mask focus target")
+            check_bchw("mask", self.mask, 1)
+        if self.kind == "disparity":
+            check_number("value", self.value)
+
+    def resolve(self, disparity: Tensor) -> Tensor:
+        """Focus disparity per batch item, ``(B,)``, for a ``(B, 1, H, W)`` disparity map."""
+        if self.kind == "point":
+            h, w = disparity.shape[-2:]
+            return focus_disparity_from_point(disparity, self.x * w, self.y * h)
+        if self.kind == "mask":
+            return focus_disparity_from_mask(disparity, self.mask, threshold=self.threshold)
+        if self.kind == "disparity":
+            check_bchw("disparity", disparity, 1)
+            return torch.full((disparity.shape[0],), float(self.value), dtype=disparity.dtype,
+                              device=disparity.device)
+        return focus_disparity_center(disparity)
+
+
+@dataclass(frozen=True)
+class DefocusMap:
+    """A signed CoC map with everything that produced it (what travels between nodes).
+
+    Attributes:
+        coc: ``(B, 1, H, W)`` signed CoC radius in px (> 0 in front of focus).
+        disparity: ``(B, 1, H, W)`` the disparity it was computed from.
+        k: blur strength used.
+        focus_disparity: ``(B,)`` focus disparity per item.
+        metric: whether ``disparity`` is metric (1/m).
+    """
+
+    coc: Tensor
+    disparity: Tensor
+    k: float
+    focus_disparity: Tensor
+    metric: bool
+
+    @property
+    def max_radius(self) -> float:
+        """Largest |CoC| in px over the batch."""
+        return float(self.coc.abs().max())
+
+
+def defocus_map(disparity: Tensor, focus: FocusTarget, k: float, *, metric: bool) -> DefocusMap:
+    """Resolve the focus and compute the signed CoC map in one step.
+
+    Args:
+        disparity: ``(B, 1, H, W)``, larger = nearer.
+        focus: where to focus.
+        k: blur strength, ``>= 0`` (px*m for metric disparity, px for relative).
+        metric: whether ``disparity`` is metric.
+
+    Returns:
+        A :class:`DefocusMap`.
+
+    Example:
+        >>> d = torch.tensor([0.0, 0.5, 1.0]).view(1, 1, 1, 3)
+        >>> defocus_map(d, FocusTarget("point", x=0.5, y=0.0), 10.0, metric=False).coc.flatten().tolist()
+        [-5.0, 0.0, 5.0]
+    """
+    check_bchw("disparity", disparity, 1)
+    check_finite("disparity", disparity)
+    fd = focus.resolve(disparity)
+    return DefocusMap(signed_coc(disparity, fd, k), disparity, float(k), fd, bool(metric))

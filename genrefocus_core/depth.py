@@ -95,7 +95,7 @@ def depth_map_from_image(
     * ``"relative_depth"``: near = dark; min-max normalised, then ``1 - value``.
 
     ``invert`` flips a relative map (for depth nodes with the opposite convention). A flat relative
-    map (max = min) becomes all zeros: everything at one distance.
+    map (max = min) is constant: everything at one distance.
 
     Args:
         image: ``(B, C, H, W)`` with C in 1, 3, 4 (grey; colour channels must be equal).
@@ -140,7 +140,7 @@ def depth_map_from_image(
     rng = hi - lo
     if bool((rng <= 0).any()):
         logger.warning("relative depth image is flat (one value everywhere): everything is at one distance")
-    rel = torch.where(rng > 0, (v - lo) / torch.where(rng > 0, rng, torch.ones_like(rng)), torch.zeros_like(v))
+    rel = (v - lo) / rng.clamp_min(1e-12)  # a flat map gives 0 everywhere
     if (interpretation == "relative_depth") != invert:
         rel = 1.0 - rel
     return DepthMap(rel, metric=False, focal_px=focal_px, source=f"image:{interpretation}")

@@ -15,7 +15,9 @@ from ._checks import check_number
 __all__ = ["demo_scene"]
 
 
-def demo_scene(height: int = 400, width: int = 640, *, seed: int = 0) -> tuple[Tensor, Tensor, tuple[float, float]]:
+def demo_scene(
+    height: int = 400, width: int = 640, *, seed: int = 0
+) -> tuple[Tensor, Tensor, tuple[float, float]]:
     """Build the demo scene.
 
     Args:
@@ -61,7 +63,8 @@ def demo_scene(height: int = 400, width: int = 640, *, seed: int = 0) -> tuple[T
     depth = 1.0 / ground_disp.clamp_min(1e-3)
     u = (x - width / 2) / width * depth * 4.0
     checker = ((torch.floor(u) + torch.floor(depth * 1.5)) % 2).float()
-    ground = torch.stack([0.35 + 0.35 * checker, 0.30 + 0.25 * checker, 0.22 + 0.12 * checker]) * (0.5 + 0.5 * gd)
+    ground = torch.stack([0.35 + 0.35 * checker, 0.30 + 0.25 * checker, 0.22 + 0.12 * checker])
+    ground = ground * (0.5 + 0.5 * gd)
     img = torch.where(below, ground, img)
     disp = torch.where(below, ground_disp, disp)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
 from ._checks import check_bchw, check_finite, check_number

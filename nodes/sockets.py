@@ -1,0 +1,8 @@
+"""Custom socket types of GenRefocus (values are core dataclasses)."""
+
+from comfy_api.latest import io
+
+Depth = io.Custom("GENREFOCUS_DEPTH")  # genrefocus_core.depth.DepthMap
+Focus = io.Custom("GENREFOCUS_FOCUS")  # genrefocus_core.defocus.FocusTarget
+Defocus = io.Custom("GENREFOCUS_DEFOCUS")  # genrefocus_core.defocus.DefocusMap
+ApertureSocket = io.Custom("GENREFOCUS_APERTURE")  # genrefocus_core.aperture.Aperture

@@ -1,0 +1,49 @@
+"""GenRefocus core library: depth, focus, apertures and bokeh rendering in plain PyTorch.
+
+Never imports ComfyUI. Heavy optional packages (diffusers, peft, transformers) are imported only by
+the modules that need them, so ``import genrefocus_core`` stays fast.
+"""
+
+from __future__ import annotations
+
+from .aperture import APERTURE_SHAPES, Aperture
+from .defocus import (
+    MAX_COC,
+    DefocusMap,
+    FocusTarget,
+    defocus_condition_map,
+    defocus_map,
+    disparity_from_depth,
+    focus_disparity_center,
+    focus_disparity_from_mask,
+    focus_disparity_from_point,
+    signed_coc,
+)
+from .depth import DepthMap, depth_map_from_image
+from .errors import GenRefocusError, GenRefocusInputError, GenRefocusModelError
+from .renderer import RENDER_MODES, render_bokeh
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "APERTURE_SHAPES",
+    "MAX_COC",
+    "RENDER_MODES",
+    "Aperture",
+    "DefocusMap",
+    "DepthMap",
+    "FocusTarget",
+    "GenRefocusError",
+    "GenRefocusInputError",
+    "GenRefocusModelError",
+    "__version__",
+    "defocus_condition_map",
+    "defocus_map",
+    "depth_map_from_image",
+    "disparity_from_depth",
+    "focus_disparity_center",
+    "focus_disparity_from_mask",
+    "focus_disparity_from_point",
+    "render_bokeh",
+    "signed_coc",
+]

@@ -18,9 +18,13 @@ from ._checks import check_bchw, check_finite, check_number, check_same_batch_an
 from .aperture import Aperture
 from .errors import GenRefocusInputError
 
-__all__ = ["RENDER_MODES", "render_bokeh"]
+__all__ = ["MAX_PIXELS", "RENDER_MODES", "render_bokeh"]
 
 RENDER_MODES = ("physical", "bokehme")
+
+#: Largest image the classical renderer accepts, in pixels (about 8K x 8K); larger inputs should be
+#: rendered in tiles by the caller or downscaled.
+MAX_PIXELS = 8192 * 8192
 
 
 def render_bokeh(
@@ -59,7 +63,8 @@ def render_bokeh(
         ``(B, 3, H, W)`` rendered image in [0, 1], device and dtype of ``image``.
 
     Raises:
-        GenRefocusInputError: on bad shapes, non-finite values or out-of-range scalars.
+        GenRefocusInputError: on bad shapes, non-finite values, out-of-range scalars, a blur radius
+            larger than the image, or an image over :data:`MAX_PIXELS`.
 
     Example:
         >>> img = torch.full((1, 3, 16, 16), 0.5)
@@ -83,6 +88,18 @@ def render_bokeh(
     if float(image.min()) < 0.0 or float(image.max()) > 1.0:
         raise GenRefocusInputError(
             f"image must be in [0, 1], got values in [{float(image.min()):.4g}, {float(image.max()):.4g}]"
+        )
+    h, w = image.shape[-2:]
+    if h * w > MAX_PIXELS:
+        raise GenRefocusInputError(
+            f"image must have at most {MAX_PIXELS // 1_000_000} MP for the classical renderer, got {w}x{h}; "
+            "downscale it first"
+        )
+    max_radius = k * float((disparity - disp_focus).abs().max())
+    if max_radius > max(h, w):
+        raise GenRefocusInputError(
+            f"k must give blur radii no larger than the image: k={k:g} makes a radius of {max_radius:.1f} "
+            f"px on a {w}x{h} image; lower k or move the focus (disp_focus={disp_focus:g})"
         )
     disparity = disparity.to(image.dtype).expand(image.shape[0], -1, -1, -1)
     with torch.no_grad():

@@ -24,8 +24,11 @@ def test_requirements_mirror_pyproject():
     tomllib = pytest.importorskip("tomllib")
 
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    reqs = [ln.strip() for ln in (REPO / "requirements.txt").read_text().splitlines()
-            if ln.strip() and not ln.startswith("#")]
+    reqs = [
+        ln.strip()
+        for ln in (REPO / "requirements.txt").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
     assert sorted(deps) == sorted(reqs)
     for d in deps:  # lower bounds only: never replace a user's CUDA torch
         assert "==" not in d and "<" not in d and "git+" not in d, d

@@ -32,7 +32,7 @@ def test_coc_zero_on_focal_plane_and_sign_convention():
 def test_disparity_from_depth_policy():
     depth = torch.tensor([2.0, 0.0, -1.0, float("inf"), float("nan")]).view(1, 1, 1, 5)
     assert disparity_from_depth(depth).flatten().tolist() == [0.5, 0.0, 0.0, 0.0, 0.0]
-    with pytest.raises(GenRefocusInputError, match="depth_m must be finite and > 0, got 4 of 5"):
+    with pytest.raises(GenRefocusInputError, match=r"depth_m must be finite and > 0, got 4 of 5"):
         disparity_from_depth(depth, invalid="error")
 
 
@@ -65,7 +65,7 @@ def test_centre_focus_and_target_resolution():
     torch.testing.assert_close(FocusTarget().resolve(d), d[:, 0, 3, 5])
     torch.testing.assert_close(FocusTarget("point", x=1.0, y=0.0).resolve(d), d[:, 0, 0, 9])
     assert FocusTarget("disparity", value=0.25).resolve(d).tolist() == [0.25] * 3
-    with pytest.raises(GenRefocusInputError, match="x must be <= 1.0"):
+    with pytest.raises(GenRefocusInputError, match=r"x must be <= 1\.0"):
         FocusTarget("point", x=1.5)
 
 
@@ -81,7 +81,7 @@ def test_condition_map_and_preview():
 def test_input_errors():
     with pytest.raises(GenRefocusInputError, match=r"disparity must have 1 channel\(s\)"):
         signed_coc(torch.zeros(1, 3, 4, 4), 0.0, 1.0)
-    with pytest.raises(GenRefocusInputError, match="k must be >= 0.0, got -1"):
+    with pytest.raises(GenRefocusInputError, match=r"k must be >= 0\.0, got -1"):
         signed_coc(torch.zeros(1, 1, 4, 4), 0.0, -1.0)
     with pytest.raises(GenRefocusInputError, match="disparity must be finite everywhere"):
         defocus_map(torch.full((1, 1, 2, 2), float("nan")), FocusTarget(), 1.0, metric=True)
@@ -95,7 +95,9 @@ def test_official_defocus_map_of_parity_case(shared_dir):
     depth = torch.from_numpy(np.load(fx / "inputs" / "depth_64x96.npy"))[None, None]
     mask = torch.from_numpy(np.asarray(Image.open(fx / "inputs" / "mask_128x192.png").convert("L")) / 255.0)
     disp = disparity_from_depth(resize_like(depth, (128, 192)))
-    dm = defocus_map(disp, FocusTarget("mask", mask=mask[None, None].float(), threshold=0.0), 15.0, metric=True)
+    dm = defocus_map(
+        disp, FocusTarget("mask", mask=mask[None, None].float(), threshold=0.0), 15.0, metric=True
+    )
     ours = defocus_condition_map(dm.coc)[0, 0].numpy()
     official = np.load(fx / "cases" / "bokeh_mask" / "cond1_input_ch0.npy")
     assert ours.shape == official.shape

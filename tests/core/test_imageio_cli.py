@@ -67,12 +67,45 @@ def test_cli_render_and_errors(tmp_path):
     depth = np.linspace(1.0, 10.0, 16 * 24, dtype=np.float32).reshape(16, 24)  # half resolution, metres
     np.save(tmp_path / "depth.npy", depth)
     out = tmp_path / "out.png"
-    assert main(["render", str(tmp_path / "in.png"), "--depth", str(tmp_path / "depth.npy"), "--k", "20",
-                 "--focus-point", "10", "10", "--bits", "16", "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "render",
+                str(tmp_path / "in.png"),
+                "--depth",
+                str(tmp_path / "depth.npy"),
+                "--k",
+                "20",
+                "--focus-point",
+                "10",
+                "10",
+                "--bits",
+                "16",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert Image.open(out).size == (48, 32)
-    assert main(["render", str(tmp_path / "in.png"), "--depth", str(tmp_path / "depth.npy"), "--k", "-1",
-                 "-o", str(out)]) == 2
-    assert main(["render", str(tmp_path / "in.png"), "--depth", str(tmp_path / "nope.npy"), "-o", str(out)]) == 2
+    assert (
+        main(
+            [
+                "render",
+                str(tmp_path / "in.png"),
+                "--depth",
+                str(tmp_path / "depth.npy"),
+                "--k",
+                "-1",
+                "-o",
+                str(out),
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(["render", str(tmp_path / "in.png"), "--depth", str(tmp_path / "nope.npy"), "-o", str(out)]) == 2
+    )
 
 
 def test_cli_demo(tmp_path):

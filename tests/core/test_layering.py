@@ -31,6 +31,7 @@ def test_renderer_import_does_not_pull_heavy_packages():
         "bad = [m for m in ('diffusers', 'peft', 'transformers', 'comfy', 'comfy_api') if m in sys.modules]; "
         "print(bad)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=CORE.parent).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=CORE.parent
+    ).stdout.strip()
     assert out == "[]"

@@ -74,7 +74,7 @@ def test_schemas_match_committed_file(nodes):
         SCHEMAS.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
     committed = json.loads(SCHEMAS.read_text())
     assert committed == json.loads(json.dumps(current)), (
-        "node schemas changed: run GENREFOCUS_REGEN_SCHEMAS=1 pytest tests/nodes and commit tests/data/schemas.json"
+        "node schemas changed: run GENREFOCUS_REGEN_SCHEMAS=1 pytest tests/nodes, commit tests/data/schemas.json"
     )
 
 
@@ -103,16 +103,22 @@ def test_errors_carry_node_name(nodes, errors):
     turbo = _img()  # channels differ: looks colour-mapped
     with pytest.raises(errors.GenRefocusInputError, match=r"^\[Depth from Image\] image must be a grey"):
         node.execute(image=turbo, interpretation="relative_disparity", invert=False, metric_scale=1.0)
-    with pytest.raises(errors.GenRefocusInputError, match=r"\[Depth from Image\] interpretation must be one of"):
+    with pytest.raises(
+        errors.GenRefocusInputError, match=r"\[Depth from Image\] interpretation must be one of"
+    ):
         node.execute(image=_ramp_depth_image(), interpretation="bogus", invert=False, metric_scale=1.0)
     with pytest.raises(errors.GenRefocusInputError, match=r"\[Depth from Image\] invert must be off"):
         node.execute(image=_ramp_depth_image(), interpretation="metric_depth", invert=True, metric_scale=1.0)
 
 
 def test_focus_and_defocus_map(nodes):
-    depth = nodes["GenRefocus_DepthFromImage"].execute(
-        image=_ramp_depth_image(), interpretation="relative_disparity", invert=False, metric_scale=1.0
-    ).result[0]
+    depth = (
+        nodes["GenRefocus_DepthFromImage"]
+        .execute(
+            image=_ramp_depth_image(), interpretation="relative_disparity", invert=False, metric_scale=1.0
+        )
+        .result[0]
+    )
     focus = nodes["GenRefocus_FocusPoint"].execute(x=0.25, y=0.5).result[0]
     out = nodes["GenRefocus_DefocusMap"].execute(depth=depth, k=10.0, focus=focus)
     dm, preview, cond = out.result
@@ -128,9 +134,13 @@ def test_focus_and_defocus_map(nodes):
 
 
 def test_focus_from_mask(nodes, errors):
-    depth = nodes["GenRefocus_DepthFromImage"].execute(
-        image=_ramp_depth_image(), interpretation="relative_disparity", invert=False, metric_scale=1.0
-    ).result[0]
+    depth = (
+        nodes["GenRefocus_DepthFromImage"]
+        .execute(
+            image=_ramp_depth_image(), interpretation="relative_disparity", invert=False, metric_scale=1.0
+        )
+        .result[0]
+    )
     mask = torch.zeros(1, 24, 32)
     mask[:, :, 20:25] = 1.0
     focus = nodes["GenRefocus_FocusFromMask"].execute(mask=mask, threshold=0.5).result[0]
@@ -151,7 +161,9 @@ def test_aperture_node(nodes, errors):
     heart_mask[:, 8:24, 10:22] = 1.0
     ap_img = node.execute(shape="image", aperture_mask=heart_mask, **kwargs).result[0]
     assert ap_img.shape == "image" and ap_img.image is not None
-    with pytest.raises(errors.GenRefocusInputError, match=r"^\[Aperture Shape\] aperture_image or aperture_mask"):
+    with pytest.raises(
+        errors.GenRefocusInputError, match=r"^\[Aperture Shape\] aperture_image or aperture_mask"
+    ):
         node.execute(shape="image", **kwargs)
     with pytest.raises(errors.GenRefocusInputError, match=r"open"):
         node.execute(shape="image", aperture_mask=torch.zeros(1, 16, 16), **kwargs)
@@ -160,9 +172,13 @@ def test_aperture_node(nodes, errors):
 
 
 def _defocus(nodes, b=1, k=8.0):
-    depth = nodes["GenRefocus_DepthFromImage"].execute(
-        image=_ramp_depth_image(b=b), interpretation="relative_disparity", invert=False, metric_scale=1.0
-    ).result[0]
+    depth = (
+        nodes["GenRefocus_DepthFromImage"]
+        .execute(
+            image=_ramp_depth_image(b=b), interpretation="relative_disparity", invert=False, metric_scale=1.0
+        )
+        .result[0]
+    )
     return nodes["GenRefocus_DefocusMap"].execute(depth=depth, k=k).result[0]
 
 
@@ -177,8 +193,13 @@ def test_classical_bokeh_batch_progress_and_equivalence(nodes):
     out = node.execute(image=frames, defocus=dm, mode="physical", gamma=2.2, highlight=False).result[0]
     assert out.shape == frames.shape
     for f in range(2):  # every frame rendered, each equal to the core call
-        ref = render_bokeh(frames[f : f + 1].permute(0, 3, 1, 2), dm.disparity, k=dm.k,
-                           disp_focus=float(dm.focus_disparity[0]), gamma=2.2)
+        ref = render_bokeh(
+            frames[f : f + 1].permute(0, 3, 1, 2),
+            dm.disparity,
+            k=dm.k,
+            disp_focus=float(dm.focus_disparity[0]),
+            gamma=2.2,
+        )
         torch.testing.assert_close(out[f : f + 1], ref.permute(0, 2, 3, 1))
     assert not torch.allclose(out[0], out[1])
     if COMFY_KIND == "stub":
@@ -188,12 +209,18 @@ def test_classical_bokeh_batch_progress_and_equivalence(nodes):
 def test_classical_bokeh_errors(nodes, errors):
     node = nodes["GenRefocus_ClassicalBokeh"]
     dm = _defocus(nodes)
-    with pytest.raises(errors.GenRefocusInputError, match=r"^\[Classical Bokeh\] defocus must match the image size"):
+    with pytest.raises(
+        errors.GenRefocusInputError, match=r"^\[Classical Bokeh\] defocus must match the image size"
+    ):
         node.execute(image=_img(h=20), defocus=dm, mode="physical", gamma=2.2, highlight=False)
     with pytest.raises(errors.GenRefocusInputError, match=r"^\[Classical Bokeh\] mode must be one of"):
         node.execute(image=_img(), defocus=dm, mode="fancy", gamma=2.2, highlight=False)
-    with pytest.raises(errors.GenRefocusInputError, match=r"^\[Classical Bokeh\] defocus must have 1 or 3 frames"):
-        node.execute(image=_img(b=3), defocus=_defocus(nodes, b=2), mode="physical", gamma=2.2, highlight=False)
+    with pytest.raises(
+        errors.GenRefocusInputError, match=r"^\[Classical Bokeh\] defocus must have 1 or 3 frames"
+    ):
+        node.execute(
+            image=_img(b=3), defocus=_defocus(nodes, b=2), mode="physical", gamma=2.2, highlight=False
+        )
 
 
 def test_classical_bokeh_interrupt(nodes):

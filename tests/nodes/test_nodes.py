@@ -74,7 +74,7 @@ def test_schemas_match_committed_file(nodes):
         SCHEMAS.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
     committed = json.loads(SCHEMAS.read_text())
     assert committed == json.loads(json.dumps(current)), (
-        "node schemas changed: run GENREFOCUS_REGEN_SCHEMAS=1 pytest tests/nodes, commit tests/data/schemas.json"
+        "node schemas changed: rerun with GENREFOCUS_REGEN_SCHEMAS=1 and commit tests/data/schemas.json"
     )
 
 

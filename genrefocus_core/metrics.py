@@ -21,7 +21,6 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_bchw, check_finite, check_number, check_same_batch_and_size
@@ -99,19 +98,31 @@ def psnr(pred: Tensor, target: Tensor, *, data_range: float = 1.0) -> Tensor:
     return 10.0 * torch.log10(data_range**2 / mse)
 
 
-def _gaussian_window(window_size: int, sigma: float, *, dtype: torch.dtype, device: torch.device) -> Tensor:
+def _gaussian_window(window_size: int, sigma: float) -> Tensor:
+    """Normalised float64 Gaussian taps on the CPU (they become Python floats in the filter)."""
     r = (window_size - 1) / 2
-    x = torch.arange(window_size, dtype=dtype, device=device) - r
+    x = torch.arange(window_size, dtype=torch.float64) - r
     w = torch.exp(-0.5 * (x / sigma) ** 2)
     return w / w.sum()
 
 
 def _filter_valid(x: Tensor, window: Tensor) -> Tensor:
-    """Separable depthwise filter of ``(N, C, H, W)`` with no padding (valid region)."""
-    c = x.shape[1]
+    """Separable filter of ``(..., H, W)`` along H then W, no padding (valid region).
+
+    Written as a weighted sum of shifted slices rather than a depthwise ``conv2d``: grouped
+    convolutions are very slow on CPU (tens of ms for a tiny float64 input), the slices are not.
+    """
     n = window.numel()
-    x = F.conv2d(x, window.view(1, 1, n, 1).expand(c, 1, n, 1), groups=c)
-    return F.conv2d(x, window.view(1, 1, 1, n).expand(c, 1, 1, n), groups=c)
+    taps = window.tolist()
+    h = x.shape[-2] - n + 1
+    y = taps[0] * x[..., 0:h, :]
+    for i in range(1, n):
+        y = y + taps[i] * x[..., i:i + h, :]
+    w = x.shape[-1] - n + 1
+    z = taps[0] * y[..., 0:w]
+    for i in range(1, n):
+        z = z + taps[i] * y[..., i:i + w]
+    return z
 
 
 def ssim(pred: Tensor, target: Tensor, *, data_range: float = 1.0, window_size: int = 11,
@@ -160,7 +171,7 @@ def ssim(pred: Tensor, target: Tensor, *, data_range: float = 1.0, window_size: 
             f"pred must be at least window_size x window_size ({window_size}x{window_size}) pixels, "
             f"got {h}x{w} (HxW); lower window_size or use a larger image"
         )
-    win = _gaussian_window(window_size, sigma, dtype=pred.dtype, device=pred.device)
+    win = _gaussian_window(window_size, sigma)
     b, c = pred.shape[:2]
     # One filtering pass over the five local moments stacked along the channel axis.
     stats = _filter_valid(torch.cat([pred, target, pred * pred, target * target, pred * target], dim=1), win)
@@ -209,9 +220,9 @@ def laplacian_variance(image: Tensor) -> Tensor:
     if x.shape[1] == 3:
         weights = torch.tensor(LUMA_REC601, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         x = (x * weights).sum(dim=1, keepdim=True)
-    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=x.dtype,
-                          device=x.device).view(1, 1, 3, 3)
-    lap = F.conv2d(x, kernel)
+    # The 4-neighbour Laplacian [[0, 1, 0], [1, -4, 1], [0, 1, 0]] on the interior, as slices.
+    lap = (x[..., :-2, 1:-1] + x[..., 2:, 1:-1] + x[..., 1:-1, :-2] + x[..., 1:-1, 2:]
+           - 4.0 * x[..., 1:-1, 1:-1])
     return lap.flatten(1).var(dim=1, correction=0)
 
 
@@ -225,11 +236,11 @@ def lv_corr(ks: Sequence[float], renders: Sequence[Tensor] | Tensor) -> float:
     """LVCorr: how well the sharpness of renders follows the blur strength K over a K sweep.
 
     ``LVCorr = -Pearson(K, laplacian_variance(render_K))`` over the renders of *one* image at
-    several K. Convention (our choice, documented because the sign is easy to get wrong): the
-    Genfocus paper (arXiv 2512.16923) reports LVCorr as higher-is-better for a renderer whose blur
-    grows with K; since blur lowers the Laplacian variance, we negate the Pearson correlation so
-    that a renderer whose sharpness falls linearly as K grows scores +1, one that ignores K scores
-    about 0 and one that sharpens as K grows scores -1. Pearson measures *linear* agreement, so a
+    several K. The sign is our choice, documented because it is easy to get wrong: the Genfocus
+    paper (arXiv 2512.16923) reports LVCorr as higher-is-better for a renderer whose blur grows
+    with K, but its exact formula was not available to us; since blur lowers the Laplacian
+    variance, we negate the Pearson correlation so that a renderer whose sharpness falls linearly
+    as K grows scores +1 and one that sharpens as K grows scores -1. Pearson measures *linear* agreement, so a
     monotone but strongly curved response scores a little below 1.
 
     Args:
@@ -305,7 +316,7 @@ def search_k(render_fn: Callable[[float], Tensor], target: Tensor, ks: Sequence[
     (default) or PSNR, averaged over the batch; the best score wins, the first K on ties. With
     ``refine=True`` a golden-section search then runs inside the bracket formed by the best grid
     K's neighbours in sorted order (assuming the score is unimodal there): ``iterations`` steps,
-    ``iterations + 1`` more renders, the bracket shrinking by ``0.618**iterations``; the best K seen
+    ``iterations + 2`` more renders, the bracket shrinking by ``0.618**iterations``; the best K seen
     anywhere is returned, which may lie between grid values. An infinite grid score (an exact match
     under PSNR) skips the refinement.
     Runs under ``torch.no_grad()``.

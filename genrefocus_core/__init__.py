@@ -21,6 +21,7 @@ from .defocus import (
 )
 from .depth import DepthMap, depth_map_from_image
 from .errors import GenRefocusError, GenRefocusInputError, GenRefocusModelError
+from .metrics import laplacian_variance, lv_corr, psnr, search_k, ssim
 from .renderer import RENDER_MODES, render_bokeh
 
 __version__ = "0.1.0"
@@ -44,6 +45,11 @@ __all__ = [
     "focus_disparity_center",
     "focus_disparity_from_mask",
     "focus_disparity_from_point",
+    "laplacian_variance",
+    "lv_corr",
+    "psnr",
     "render_bokeh",
+    "search_k",
     "signed_coc",
+    "ssim",
 ]

@@ -1,0 +1,223 @@
+"""Build the shipped workflows (UI format, ``workflows/*.json``) and their API-format twins
+(``tests/data/*.api.json``) from one description, so the two can never drift.
+
+Run from the repo root: ``python tests/data/build_workflows.py``. Widget order follows each
+node's schema (``tests/data/schemas.json`` for ours).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SCHEMAS = json.loads((REPO / "tests" / "data" / "schemas.json").read_text())
+
+# Core nodes we use: (input sockets, output sockets, widget names in order).
+CORE = {
+    "LoadImage": ([], [("IMAGE", "IMAGE"), ("MASK", "MASK")], ["image", "upload"]),
+    "SaveImage": ([("images", "IMAGE")], [], ["filename_prefix"]),
+    "PreviewImage": ([("images", "IMAGE")], [], []),
+    "Note": ([], [], ["text"]),
+}
+WIDGET_TYPES = {"INT", "FLOAT", "BOOLEAN", "STRING", "COMBO"}
+
+
+def _sockets(node_type: str):
+    if node_type in CORE:
+        ins, outs, widgets = CORE[node_type]
+        return ins, outs, widgets
+    s = SCHEMAS[node_type]
+    ins = [(i["id"], i["type"]) for i in s["inputs"] if i["type"] not in WIDGET_TYPES]
+    outs = [(t, t) for t in s["outputs"]]
+    widgets = [i["id"] for i in s["inputs"] if i["type"] in WIDGET_TYPES]
+    return ins, outs, widgets
+
+
+def build(name: str, nodes: list[dict], links: list[tuple[int, int, int, str]]) -> None:
+    """nodes: {id, type, pos, widgets: {name: value}, title?, size?}; links: (from, slot, to, input)."""
+    by_id = {n["id"]: n for n in nodes}
+    ui_nodes, ui_links, api = [], [], {}
+    for lid, (src, slot, dst, inp) in enumerate(links, start=1):
+        ui_links.append(
+            [
+                lid,
+                src,
+                slot,
+                dst,
+                [i for i, _ in _sockets(by_id[dst]["type"])[0]].index(inp),
+                _sockets(by_id[src]["type"])[1][slot][1],
+            ]
+        )
+    for order, n in enumerate(nodes):
+        ins, outs, widgets = _sockets(n["type"])
+        wv = [n["widgets"][w] for w in widgets if w in n["widgets"]]
+        ui_inputs = []
+        for iname, itype in ins:
+            link = next((lk[0] for lk in ui_links if lk[3] == n["id"] and ins[lk[4]][0] == iname), None)
+            ui_inputs.append({"name": iname, "type": itype, "link": link})
+        ui_outputs = []
+        for oslot, (oname, otype) in enumerate(outs):
+            ol = [lk[0] for lk in ui_links if lk[1] == n["id"] and lk[2] == oslot]
+            ui_outputs.append({"name": oname, "type": otype, "links": ol, "slot_index": oslot})
+        node = {
+            "id": n["id"],
+            "type": n["type"],
+            "pos": n["pos"],
+            "size": n.get("size", [320, 160]),
+            "flags": {},
+            "order": order,
+            "mode": 0,
+            "inputs": ui_inputs,
+            "outputs": ui_outputs,
+            "properties": {"Node name for S&R": n["type"]},
+            "widgets_values": wv,
+        }
+        if "title" in n:
+            node["title"] = n["title"]
+        if n["type"] == "Note":
+            node["color"], node["bgcolor"] = "#432", "#653"
+        ui_nodes.append(node)
+        if n["type"] == "Note":
+            continue
+        inputs = {w: n["widgets"][w] for w in widgets if w in n["widgets"] and w != "upload"}
+        for src, slot, dst, inp in links:
+            if dst == n["id"]:
+                inputs[inp] = [str(src), slot]
+        api[str(n["id"])] = {
+            "class_type": n["type"],
+            "inputs": inputs,
+            "_meta": {"title": n.get("title", n["type"])},
+        }
+    ui = {
+        "last_node_id": max(by_id),
+        "last_link_id": len(ui_links),
+        "nodes": ui_nodes,
+        "links": ui_links,
+        "groups": [],
+        "config": {},
+        "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
+        "version": 0.4,
+    }
+    (REPO / "workflows" / f"{name}.json").write_text(json.dumps(ui, indent=1) + "\n")
+    (REPO / "tests" / "data" / f"{name}.api.json").write_text(json.dumps(api, indent=1) + "\n")
+
+
+CLASSICAL_NOTE = """GenRefocus - classical refocus (no model files needed)
+
+Inputs:
+1. Load Image (photo): an all-in-focus photo.
+2. Load Image (depth): its grey depth map, same size, near = bright (the usual output of depth nodes
+   such as Depth Anything). For metric depth in metres choose interpretation 'metric_depth'; if near
+   is dark, use 'relative_depth' or 'invert'. Never use a colour-mapped depth preview.
+   To try it without files: run  python -m genrefocus_core demo -o <ComfyUI>/input  in this pack's
+   folder and pick demo_input.png and demo_disparity.png.
+3. Focus Point: x, y as fractions of the width and height (0.5, 0.5 = centre). Or wire a mask into
+   'Focus from Mask' instead.
+4. Defocus Map: K = blur strength (largest blur radius in px for relative maps; px*m for metric).
+5. Aperture Shape: disc, n-blade polygon, heart, star, triangle or your own image.
+6. Classical Bokeh: 'physical' (occlusion-aware, default) or 'bokehme'. Batches are rendered frame
+   by frame.
+Model files: none."""
+
+
+def main() -> None:
+    build(
+        "classical_refocus",
+        [
+            {
+                "id": 1,
+                "type": "LoadImage",
+                "title": "Load Image (photo)",
+                "pos": [40, 60],
+                "size": [300, 320],
+                "widgets": {"image": "demo_input.png", "upload": "image"},
+            },
+            {
+                "id": 2,
+                "type": "LoadImage",
+                "title": "Load Image (depth)",
+                "pos": [40, 420],
+                "size": [300, 320],
+                "widgets": {"image": "demo_disparity.png", "upload": "image"},
+            },
+            {
+                "id": 3,
+                "type": "GenRefocus_DepthFromImage",
+                "pos": [380, 420],
+                "widgets": {"interpretation": "relative_disparity", "invert": False, "metric_scale": 1.0},
+            },
+            {
+                "id": 4,
+                "type": "GenRefocus_FocusPoint",
+                "pos": [380, 640],
+                "size": [300, 100],
+                "widgets": {"x": 0.5, "y": 0.62},
+            },
+            {
+                "id": 5,
+                "type": "GenRefocus_DefocusMap",
+                "pos": [720, 420],
+                "size": [300, 180],
+                "widgets": {"k": 40.0, "width": 0, "height": 0},
+            },
+            {
+                "id": 6,
+                "type": "GenRefocus_Aperture",
+                "pos": [720, 660],
+                "size": [300, 260],
+                "widgets": {
+                    "shape": "polygon",
+                    "blades": 7,
+                    "rotation_deg": 0.0,
+                    "roundness": 0.3,
+                    "scaling": "equal_area",
+                    "flip_foreground": True,
+                },
+            },
+            {
+                "id": 7,
+                "type": "GenRefocus_ClassicalBokeh",
+                "pos": [1060, 160],
+                "size": [300, 180],
+                "widgets": {"mode": "physical", "gamma": 2.2, "highlight": True},
+            },
+            {
+                "id": 8,
+                "type": "SaveImage",
+                "pos": [1400, 60],
+                "size": [420, 360],
+                "widgets": {"filename_prefix": "genrefocus/classical"},
+            },
+            {
+                "id": 9,
+                "type": "PreviewImage",
+                "title": "Defocus preview",
+                "pos": [1060, 420],
+                "size": [300, 260],
+                "widgets": {},
+            },
+            {
+                "id": 10,
+                "type": "Note",
+                "title": "Read me",
+                "pos": [380, 40],
+                "size": [640, 340],
+                "widgets": {"text": CLASSICAL_NOTE},
+            },
+        ],
+        [
+            (2, 0, 3, "image"),
+            (4, 0, 5, "focus"),
+            (3, 0, 5, "depth"),
+            (1, 0, 7, "image"),
+            (5, 0, 7, "defocus"),
+            (6, 0, 7, "aperture"),
+            (7, 0, 8, "images"),
+            (5, 1, 9, "images"),
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -158,8 +158,14 @@ class ConditionTokens:
             )
 
     @classmethod
-    def on_grid(cls, tokens: Tensor, height: int, width: int, adapter: str | None,
-                position_delta: tuple[int, int] | list[int] | None = None) -> ConditionTokens:
+    def on_grid(
+        cls,
+        tokens: Tensor,
+        height: int,
+        width: int,
+        adapter: str | None,
+        position_delta: tuple[int, int] | list[int] | None = None,
+    ) -> ConditionTokens:
         """Build the record for tokens on an ``height x width`` token grid, ids shifted by the delta.
 
         Example:
@@ -176,27 +182,31 @@ class ConditionTokens:
         return replace(self, tokens=tokens, ids=ids)
 
 
-def vae_input_from_image(image: Tensor, *, normalize: bool = True) -> Tensor:
+def vae_input_from_image(image: Tensor, *, normalize: bool = True, channels_last: bool = True) -> Tensor:
     """Pixels ``(B, 3, H, W)`` in [0, 1] → the VAE input the official pipeline builds.
 
     ``normalize=True``: ``2x - 1`` (``VaeImageProcessor.preprocess`` of a PIL image); ``False``:
-    used as is (``No_preprocess``, the D_def map). The result is channels-last strided like the
-    official numpy-HWC → NCHW transpose; on CPU the memory layout alone moves encoder outputs by
-    ~1e-5..1e-3, so parity needs it.
+    used as is (``No_preprocess``, the D_def map). Official PIL inputs reach the VAE channels-last
+    strided (numpy HWC → NCHW transpose), the D_def tensor contiguous NCHW; on CPU the memory
+    layout alone moves encoder outputs by ~1e-5..1e-3, so parity needs the same layout.
 
     Args:
         image: ``(B, 3, H, W)`` float.
         normalize: map [0, 1] to [-1, 1].
+        channels_last: return a channels-last strided tensor (images) instead of contiguous NCHW.
 
     Returns:
-        ``(B, 3, H, W)`` float, channels-last memory format.
+        ``(B, 3, H, W)`` float.
 
     Example:
         >>> vae_input_from_image(torch.ones(1, 3, 2, 2)).flatten().tolist()[:2]
         [1.0, 1.0]
     """
     check_bchw("image", image, 3)
-    x = image.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    if channels_last:
+        x = image.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    else:
+        x = image.contiguous()
     return 2.0 * x - 1.0 if normalize else x
 
 

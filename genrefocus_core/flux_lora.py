@@ -48,7 +48,12 @@ logger = logging.getLogger(__name__)
 
 #: Linear modules of a double-stream block that a Genfocus LoRA wraps (OminiControl default set).
 DOUBLE_BLOCK_LORA_MODULES = (
-    "norm1.linear", "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "ff.net.2",
+    "norm1.linear",
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "ff.net.2",
 )
 #: Linear modules of a single-stream block that a Genfocus LoRA wraps.
 SINGLE_BLOCK_LORA_MODULES = ("norm.linear", "proj_mlp", "proj_out", "attn.to_q", "attn.to_k", "attn.to_v")
@@ -63,10 +68,16 @@ def lora_target_modules(transformer: nn.Module) -> list[str]:
         343
     """
     names = ["x_embedder"]
-    names += [f"transformer_blocks.{i}.{m}" for i in range(len(transformer.transformer_blocks))
-              for m in DOUBLE_BLOCK_LORA_MODULES]
-    names += [f"single_transformer_blocks.{i}.{m}" for i in range(len(transformer.single_transformer_blocks))
-              for m in SINGLE_BLOCK_LORA_MODULES]
+    names += [
+        f"transformer_blocks.{i}.{m}"
+        for i in range(len(transformer.transformer_blocks))
+        for m in DOUBLE_BLOCK_LORA_MODULES
+    ]
+    names += [
+        f"single_transformer_blocks.{i}.{m}"
+        for i in range(len(transformer.single_transformer_blocks))
+        for m in SINGLE_BLOCK_LORA_MODULES
+    ]
     return names
 
 
@@ -240,9 +251,15 @@ def _single_block(block: nn.Module, streams: list[_Stream]) -> None:
         s.h = _clip(gate.unsqueeze(1) * _lin(block.proj_out, h, s.adapter) + s.h)
 
 
-def _check_forward_inputs(transformer: nn.Module, latents: Tensor, latent_ids: Tensor, timestep: Tensor,
-                          prompt_embeds: Tensor, pooled: Tensor,
-                          conditions: Sequence[ConditionTokens]) -> None:
+def _check_forward_inputs(
+    transformer: nn.Module,
+    latents: Tensor,
+    latent_ids: Tensor,
+    timestep: Tensor,
+    prompt_embeds: Tensor,
+    pooled: Tensor,
+    conditions: Sequence[ConditionTokens],
+) -> None:
     cfg = transformer.config
     if latents.ndim != 3 or latents.shape[2] != cfg.in_channels:
         raise GenRefocusInputError(
@@ -255,8 +272,10 @@ def _check_forward_inputs(transformer: nn.Module, latents: Tensor, latent_ids: T
     b = latents.shape[0]
     if timestep.ndim != 1 or timestep.shape[0] not in (1, b):
         raise GenRefocusInputError(f"timestep must have shape (1,) or ({b},), got {tuple(timestep.shape)}")
-    if prompt_embeds.ndim != 3 or prompt_embeds.shape[0] not in (1, b) or (
-        prompt_embeds.shape[2] != cfg.joint_attention_dim
+    if (
+        prompt_embeds.ndim != 3
+        or prompt_embeds.shape[0] not in (1, b)
+        or (prompt_embeds.shape[2] != cfg.joint_attention_dim)
     ):
         raise GenRefocusInputError(
             f"prompt_embeds must have shape (1 or {b}, L, {cfg.joint_attention_dim}), "
@@ -350,8 +369,10 @@ def flux_forward(
         text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=device)
     pe = transformer.pos_embed
     rope_img = pe(latent_ids.to(device))
-    streams = [_Stream(txt, temb_img, pe(text_ids.to(device)), None, 0),
-               _Stream(img, temb_img, rope_img, None, 1)]
+    streams = [
+        _Stream(txt, temb_img, pe(text_ids.to(device)), None, 0),
+        _Stream(img, temb_img, rope_img, None, 1),
+    ]
     rope_cache: dict[int, tuple[Tensor, Tensor]] = {id(latent_ids): rope_img}
     for i, (c, h) in enumerate(zip(conditions, conds_h, strict=True)):
         if id(c.ids) not in rope_cache:
@@ -374,8 +395,9 @@ def flux_forward(
 # ------------------------------------------------------------------------------------------------
 
 
-def load_transformer(path: str | Path, *, device: torch.device | str = "cpu",
-                     dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_transformer(
+    path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> nn.Module:
     """Load a diffusers ``FluxTransformer2DModel`` from a local folder (no download), eval mode.
 
     Raises:
@@ -493,8 +515,14 @@ def load_lora(transformer: nn.Module, path: str | Path, adapter: str, *, replace
                 f"a LoRA adapter named {adapter!r} is already loaded; pass replace=True"
             )
         transformer.delete_adapters(adapter)
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, rank_pattern=pattern,
-                        alpha_pattern=dict(pattern), init_lora_weights=True)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=targets,
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        init_lora_weights=True,
+    )
     with torch.random.fork_rng(devices=[]):  # PEFT's init draws from the global RNG
         transformer.add_adapter(config, adapter_name=adapter)
     modules = dict(transformer.named_modules())
@@ -512,6 +540,12 @@ def load_lora(transformer: nn.Module, path: str | Path, adapter: str, *, replace
                 raise GenRefocusModelError(
                     f"{m}: adapter {adapter!r} scaling is {layer.scaling[adapter]}, not 1"
                 )
-    logger.info("loaded LoRA %s as adapter %r: rank %d, %d modules, %.1f M parameters",
-                p.name, adapter, rank, len(targets), n_params / 1e6)
+    logger.info(
+        "loaded LoRA %s as adapter %r: rank %d, %d modules, %.1f M parameters",
+        p.name,
+        adapter,
+        rank,
+        len(targets),
+        n_params / 1e6,
+    )
     return LoraInfo(adapter, rank, len(targets), n_params)

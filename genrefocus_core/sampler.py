@@ -77,15 +77,25 @@ class FlowShift:
                 f"use_dynamic_shifting={config.get('use_dynamic_shifting')!r}, "
                 f"time_shift_type={config.get('time_shift_type')!r}"
             )
-        for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
-                    "stochastic_sampling", "shift_terminal"):
+        for key in (
+            "use_karras_sigmas",
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+            "invert_sigmas",
+            "stochastic_sampling",
+            "shift_terminal",
+        ):
             if config.get(key):
                 raise GenRefocusInputError(
                     f"scheduler config option {key} is not supported, got {config[key]!r}"
                 )
-        return cls(int(config.get("base_image_seq_len", 256)), int(config.get("max_image_seq_len", 4096)),
-                   float(config.get("base_shift", 0.5)), float(config.get("max_shift", 1.15)),
-                   int(config.get("num_train_timesteps", 1000)))
+        return cls(
+            int(config.get("base_image_seq_len", 256)),
+            int(config.get("max_image_seq_len", 4096)),
+            float(config.get("base_shift", 0.5)),
+            float(config.get("max_shift", 1.15)),
+            int(config.get("num_train_timesteps", 1000)),
+        )
 
 
 FLUX_DEV_SHIFT = FlowShift()
@@ -334,8 +344,10 @@ def denoise(
         plan = [tiles.indices(r, c, device=device) for r, c in tiles.tiles]
         g = tiles.weights(device=device)
         tile_ids = tiles.ids(device=device)
-        cond_ids = [tiles.ids(c.position_delta if keep_condition_deltas else (0, 0), device=device)
-                    for c in conditions]
+        cond_ids = [
+            tiles.ids(c.position_delta if keep_condition_deltas else (0, 0), device=device)
+            for c in conditions
+        ]
     for i in range(n_steps):
         if tiles is None:
             t = timesteps[i].expand(b).to(latents.dtype) / 1000.0
@@ -347,7 +359,7 @@ def denoise(
             acc = torch.zeros(latents.shape, device=device, dtype=torch.float32)
             wsum = torch.zeros(latents.shape[:2], device=device, dtype=torch.float32)
             for start in range(0, n_tiles, tile_batch):
-                chunk = plan[start:start + tile_batch]
+                chunk = plan[start : start + tile_batch]
                 k = len(chunk)
                 x = torch.cat([latents[:, idx] for idx in chunk], dim=0)  # (k*B, n, C), tile-major
                 conds = []
@@ -357,7 +369,7 @@ def denoise(
                 t = timesteps[i].expand(k * b).to(latents.dtype) / 1000.0
                 v_chunk = velocity_fn(x, tile_ids, conds, t).to(torch.float32)
                 for j, idx in enumerate(chunk):
-                    acc[:, idx] += v_chunk[j * b:(j + 1) * b] * g[None, :, None]
+                    acc[:, idx] += v_chunk[j * b : (j + 1) * b] * g[None, :, None]
                     wsum[:, idx] += g
                 done += k
                 if on_step is not None:

@@ -1,0 +1,699 @@
+"""DeblurNet and BokehNet generation on the multi-stream FLUX core (official-pipeline.md §3-§9).
+
+* :func:`resize_for_generation`: the official input resize/crop to multiples of 16 px (§3).
+* :func:`deblur`: the all-in-focus image from a blurry photo (DeblurNet, guidance 3.5, optional
+  pre-deblurred condition at column offset +32).
+* :func:`bokeh`: the refocused image from an all-in-focus image and the Genfocus defocus map
+  ``D_def`` in [0, 1] (BokehNet, guidance 1.0).
+* :func:`generate_from_tokens`: the sampler + decode on given noise and condition tokens (what the
+  Level A parity test injects).
+
+Random draws: ``noise="reference"`` reproduces the official scripts exactly (DeblurNet: one RNG
+seeded 42 draws the noise, then every condition's VAE posterior sample; BokehNet: noise from an
+RNG seeded 1234, posterior samples from an RNG seeded 42) without touching torch's global RNG.
+``noise="seeded"`` draws the noise from a CPU generator seeded ``seed`` (device independent) and
+the posterior samples from ``seed + 1`` (or uses the posterior mean).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_bchw, check_finite
+from .conditions import (
+    ConditionTokens,
+    decode_latents,
+    encode_condition,
+    latent_image_ids,
+    pack_latents,
+    vae_input_from_image,
+)
+from .errors import GenRefocusInputError
+from .flux_lora import flux_forward
+from .prompts import PromptEmbedding
+from .sampler import FLUX_DEV_SHIFT, FlowShift, TileLayout, denoise, flow_sigmas, flux_mu, should_tile
+
+__all__ = [
+    "BOKEH_GUIDANCE",
+    "BOKEH_NOISE_SEED",
+    "CONDITION_SEED",
+    "DEBLUR_GUIDANCE",
+    "PRE_DEBLUR_DELTA",
+    "ConditionInput",
+    "GenerationOptions",
+    "GenerationResult",
+    "GenfocusModels",
+    "ResizeInfo",
+    "bokeh",
+    "deblur",
+    "generate",
+    "generate_from_tokens",
+    "processed_size",
+    "resize_for_generation",
+]
+
+logger = logging.getLogger(__name__)
+
+DEBLUR_GUIDANCE = 3.5
+BOKEH_GUIDANCE = 1.0
+#: ``seed_everything(42)`` of the official scripts: DeblurNet noise and every posterior sample.
+CONDITION_SEED = 42
+#: ``torch.Generator().manual_seed(1234)`` of the official BokehNet script: its initial noise.
+BOKEH_NOISE_SEED = 1234
+#: Position offset (rows, columns in tokens) of the pre-deblurred condition.
+PRE_DEBLUR_DELTA = (0, 32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Resizing (§3)
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResizeInfo:
+    """How :func:`resize_for_generation` changed an image (enough to undo it).
+
+    Attributes:
+        original_size: ``(width, height)`` of the input.
+        scaled_size: ``(width, height)`` after the LANCZOS resize (= original if none).
+        crop: ``(left, top, width, height)`` of the centre crop in the scaled image.
+    """
+
+    original_size: tuple[int, int]
+    scaled_size: tuple[int, int]
+    crop: tuple[int, int, int, int]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """Processed ``(width, height)``, multiples of 16."""
+        return self.crop[2], self.crop[3]
+
+
+def processed_size(width: int, height: int, long_side: int = 0) -> ResizeInfo:
+    """The official processed geometry for a ``width x height`` input (§3), without pixels.
+
+    ``long_side > 0``: scale the longer side to ``long_side`` (the other truncated), then centre-crop
+    to multiples of 16 (min 16). ``long_side == 0``: unchanged if both sides are multiples of 16,
+    else stretched up to the next multiples of 16 (aspect not kept, nothing cropped).
+
+    Example:
+        >>> processed_size(192, 128, 160)
+        ResizeInfo(original_size=(192, 128), scaled_size=(160, 106), crop=(0, 5, 160, 96))
+        >>> processed_size(140, 90).size
+        (144, 96)
+    """
+    for name, v in (("width", width), ("height", height)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise GenRefocusInputError(f"{name} must be an integer >= 1 px, got {v!r}")
+    if isinstance(long_side, bool) or not isinstance(long_side, int) or long_side < 0:
+        raise GenRefocusInputError(f"long_side must be an integer >= 0 (0 = keep), got {long_side!r}")
+    if long_side > 0:
+        if width >= height:
+            new_w, new_h = long_side, int(height * (long_side / width))
+        else:
+            new_w, new_h = int(width * (long_side / height)), long_side
+        if new_w < 1 or new_h < 1:
+            raise GenRefocusInputError(
+                f"long_side {long_side} shrinks the {width}x{height} image to {new_w}x{new_h} px; "
+                "use a larger one"
+            )
+        fw, fh = max((new_w // 16) * 16, 16), max((new_h // 16) * 16, 16)
+        return ResizeInfo((width, height), (new_w, new_h), ((new_w - fw) // 2, (new_h - fh) // 2, fw, fh))
+    fw, fh = ((width + 15) // 16) * 16, ((height + 15) // 16) * 16
+    return ResizeInfo((width, height), (fw, fh), (0, 0, fw, fh))
+
+
+def _to_uint8(image: Tensor) -> np.ndarray:
+    """(1, 3, H, W) in [0, 1] → HWC uint8 (exact for images that came from 8-bit files)."""
+    return np.round(image[0].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).astype(
+        np.uint8
+    )
+
+
+def _from_uint8(arr: np.ndarray, like: Tensor) -> Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    return t.to(device=like.device, dtype=like.dtype)
+
+
+def _pil_resize(image: Tensor, size: tuple[int, int]) -> Tensor:
+    """PIL LANCZOS resize of an 8-bit RGB image to ``size = (width, height)`` (what upstream uses)."""
+    from PIL import Image
+
+    out = Image.fromarray(_to_uint8(image), "RGB").resize(size, Image.LANCZOS)
+    return _from_uint8(np.asarray(out), image)
+
+
+def resize_for_generation(image: Tensor, long_side: int = 0) -> tuple[Tensor, ResizeInfo]:
+    """Resize/crop an image to the official processed size (multiples of 16 px), §3.
+
+    Resizing goes through 8-bit PIL LANCZOS exactly as upstream (so float inputs are rounded to
+    8-bit levels when, and only when, a resize happens). The output is never mapped back.
+
+    Args:
+        image: ``(B, 3, H, W)`` in [0, 1].
+        long_side: target longer side in px, 0 = keep (stretch up to multiples of 16 if needed).
+
+    Returns:
+        ``(image, info)``: ``(B, 3, h, w)`` and a :class:`ResizeInfo`.
+
+    Raises:
+        GenRefocusInputError: bad image or ``long_side``.
+
+    Example:
+        >>> out, info = resize_for_generation(torch.rand(1, 3, 90, 140))
+        >>> tuple(out.shape), info.size
+        ((1, 3, 96, 144), (144, 96))
+    """
+    check_bchw("image", image, 3)
+    check_finite("image", image)
+    h0, w0 = image.shape[-2:]
+    info = processed_size(int(w0), int(h0), long_side)
+    if info.scaled_size == info.original_size and info.crop == (0, 0, w0, h0):
+        return image, info
+    left, top, fw, fh = info.crop
+    outs = []
+    for i in range(image.shape[0]):
+        x = (
+            _pil_resize(image[i : i + 1], info.scaled_size)
+            if info.scaled_size != info.original_size
+            else image[i : i + 1]
+        )
+        outs.append(x[:, :, top : top + fh, left : left + fw])
+    return torch.cat(outs), info
+
+
+# ------------------------------------------------------------------------------------------------
+# Generation
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenfocusModels:
+    """The weights a Genfocus stage needs (loaded once, both LoRAs resident on the transformer).
+
+    Attributes:
+        transformer: diffusers ``FluxTransformer2DModel`` with the adapters of :func:`flux_lora.load_lora`.
+        vae: diffusers ``AutoencoderKL`` (FLUX VAE).
+        prompts: cached prompt embeddings by name (``"deblur"``, ``"bokeh"``).
+        shift: scheduler shift constants.
+    """
+
+    transformer: nn.Module
+    vae: Any
+    prompts: Mapping[str, PromptEmbedding]
+    shift: FlowShift = FLUX_DEV_SHIFT
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Sampler options (defaults = the official scripts).
+
+    Attributes:
+        steps: Euler steps (official 28; the demo allows 8-50).
+        tiling: ``"auto"`` (official rule), ``"on"`` or ``"off"``.
+        tile_size: tile side in px, a multiple of 16 (official 512).
+        tile_batch: tiles per transformer forward.
+        noise: ``"reference"`` (official RNG recipe) or ``"seeded"``.
+        seed: seed of ``"seeded"`` mode.
+        condition_latent: ``"sample"`` (official posterior sample) or ``"mean"``.
+        keep_condition_deltas: keep position offsets in tiles (fix #2; official drops them).
+        mu: ``"full"`` (official: from the full image's tokens), ``"clamped"`` (tokens clamped to
+            the scheduler's [base, max] range) or ``"tile"`` (a tile's tokens when tiled).
+    """
+
+    steps: int = 28
+    tiling: str = "auto"
+    tile_size: int = 512
+    tile_batch: int = 4
+    noise: str = "reference"
+    seed: int = 0
+    condition_latent: str = "sample"
+    keep_condition_deltas: bool = False
+    mu: str = "full"
+
+    def __post_init__(self) -> None:
+        for name, lo in (("steps", 1), ("tile_batch", 1), ("tile_size", 16), ("seed", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise GenRefocusInputError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if self.tile_size % 16:
+            raise GenRefocusInputError(f"tile_size must be a multiple of 16 px, got {self.tile_size}")
+        for name, allowed in (
+            ("tiling", ("auto", "on", "off")),
+            ("noise", ("reference", "seeded")),
+            ("condition_latent", ("sample", "mean")),
+            ("mu", ("full", "clamped", "tile")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise GenRefocusInputError(
+                    f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
+
+
+@dataclass(frozen=True)
+class ConditionInput:
+    """A condition before encoding.
+
+    Attributes:
+        pixels: ``(1, 3, H, W)`` in [0, 1] at the processed size.
+        adapter: LoRA adapter of this stream.
+        position_delta: ``(d_row, d_col)`` id offset in tokens.
+        preprocess: ``True`` = images (``2x - 1``, channels-last like upstream's PIL path);
+            ``False`` = ``No_preprocess`` (the D_def map, fed to the VAE in [0, 1]).
+    """
+
+    pixels: Tensor
+    adapter: str
+    position_delta: tuple[int, int] = (0, 0)
+    preprocess: bool = True
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """Output of a stage.
+
+    Attributes:
+        image: ``(B, 3, H, W)`` in [0, 1], rounded to 8-bit levels like the official PNG.
+        decoded: ``(B, 3, H, W)`` raw VAE output (about [-1, 1]).
+        latents: ``(B, N, 64)`` final packed latents.
+    """
+
+    image: Tensor
+    decoded: Tensor
+    latents: Tensor
+
+
+def _randn(
+    shape: tuple[int, ...], generator: torch.Generator, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    if generator.device.type == device.type:
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    return torch.randn(shape, generator=generator, device=generator.device).to(device=device, dtype=dtype)
+
+
+def _prompt(models: GenfocusModels, name: str, device: torch.device, dtype: torch.dtype) -> PromptEmbedding:
+    if name not in models.prompts:
+        raise GenRefocusInputError(
+            f"prompt {name!r} must be among the loaded prompt embeddings {sorted(models.prompts)}"
+        )
+    return models.prompts[name].to(device=device, dtype=dtype)
+
+
+def _model_device_dtype(models: GenfocusModels) -> tuple[torch.device, torch.dtype]:
+    p = next(models.transformer.parameters())
+    return p.device, p.dtype
+
+
+def generate_from_tokens(
+    models: GenfocusModels,
+    latents: Tensor,
+    conditions: Sequence[ConditionTokens],
+    height: int,
+    width: int,
+    *,
+    prompt: str,
+    guidance: float,
+    options: GenerationOptions = GenerationOptions(),
+    on_step: Callable[[int, int], None] | None = None,
+    trace: dict[str, Any] | None = None,
+) -> GenerationResult:
+    """Denoise given initial noise with given condition tokens, then decode (§5, §7).
+
+    Args:
+        models: the weights.
+        latents: ``(B, N, 64)`` packed initial noise, ``N = (H/16)*(W/16)``.
+        conditions: condition streams on the same token grid.
+        height: image height in px (multiple of 16).
+        width: image width in px (multiple of 16).
+        prompt: prompt name in ``models.prompts``.
+        guidance: guidance embedding of text/image streams.
+        options: sampler options.
+        on_step: progress callback ``(done, total)`` per step and tile.
+        trace: if a dict, filled with the intermediate tensors (fixture names).
+
+    Returns:
+        A :class:`GenerationResult`.
+
+    Raises:
+        GenRefocusInputError: inconsistent sizes.
+    """
+    if height % 16 or width % 16 or height < 16 or width < 16:
+        raise GenRefocusInputError(
+            f"height and width must be positive multiples of 16 px, got {height}x{width}"
+        )
+    h, w = height // 16, width // 16
+    if latents.ndim != 3 or latents.shape[1] != h * w:
+        raise GenRefocusInputError(
+            f"latents must have shape (B, {h * w}, C) for {height}x{width} px, got {tuple(latents.shape)}"
+        )
+    for i, c in enumerate(conditions):
+        if c.tokens.shape[1] != h * w:
+            raise GenRefocusInputError(
+                f"conditions[{i}] must have {h * w} tokens (the image's grid), got {c.tokens.shape[1]}"
+            )
+    device, dtype = _model_device_dtype(models)
+    emb = _prompt(models, prompt, device, dtype)
+    tiled = should_tile(height, width, tiling=options.tiling, tile_size=options.tile_size)
+    tiles = TileLayout(h, w, tile=options.tile_size // 16) if tiled else None
+    n_mu = h * w
+    if options.mu == "clamped":
+        n_mu = min(max(n_mu, models.shift.base_seq_len), models.shift.max_seq_len)
+    elif options.mu == "tile" and tiles is not None:
+        n_mu = tiles.tile_shape[0] * tiles.tile_shape[1]
+    sigmas = flow_sigmas(
+        options.steps, h * w, shift=models.shift, mu=flux_mu(n_mu, models.shift), device=device
+    )
+    logger.info(
+        "generating %dx%d px (%d tokens), %d steps, %s",
+        width,
+        height,
+        h * w,
+        options.steps,
+        tiles if tiles is not None else "untiled",
+    )
+
+    def velocity(x: Tensor, ids: Tensor, conds: Sequence[ConditionTokens], t: Tensor) -> Tensor:
+        return flux_forward(
+            models.transformer,
+            x,
+            ids,
+            t,
+            prompt_embeds=emb.prompt_embeds,
+            pooled=emb.pooled,
+            guidance=guidance,
+            conditions=conds,
+        )
+
+    record = trace is not None
+    outs: list[Tensor] = []
+    lats: list[Tensor] = []
+
+    def on_velocity(i: int, v: Tensor, x: Tensor) -> None:
+        outs.append(v.detach().clone())
+        lats.append(x.detach().clone())
+
+    latents = latents.to(device=device, dtype=dtype)
+    ids = latent_image_ids(h, w, device=device)
+    with torch.no_grad():
+        final = denoise(
+            velocity,
+            latents,
+            (h, w),
+            sigmas,
+            conditions=conditions,
+            latent_ids=ids,
+            tiles=tiles,
+            tile_batch=options.tile_batch,
+            keep_condition_deltas=options.keep_condition_deltas,
+            on_step=on_step,
+            on_velocity=on_velocity if record else None,
+        )
+        z, decoded = decode_latents(models.vae, final, height, width)
+    image = (decoded.float() * 0.5 + 0.5).clamp(0, 1)
+    image = torch.round(image * 255.0) / 255.0
+    if trace is not None:
+        trace.update(
+            {
+                "init_latents": latents,
+                "latent_image_ids": ids,
+                "scheduler_sigmas": sigmas,
+                "step_timesteps": sigmas[:-1] * 1000.0,
+                "step_model_output": torch.stack(outs),
+                "step_latents": torch.stack(lats),
+                "vae_decode_input": z,
+                "vae_decode_output": decoded,
+            }
+        )
+        for i, c in enumerate(conditions):
+            trace[f"cond{i}_tokens"], trace[f"cond{i}_ids"] = c.tokens, c.ids
+    return GenerationResult(image, decoded, final)
+
+
+def _generators(
+    options: GenerationOptions, device: torch.device, *, shared: bool, noise_seed: int
+) -> tuple[torch.Generator, torch.Generator]:
+    if options.noise == "seeded":
+        return (
+            torch.Generator("cpu").manual_seed(options.seed),
+            torch.Generator("cpu").manual_seed(options.seed + 1),
+        )
+    g_cond = torch.Generator(device).manual_seed(CONDITION_SEED)
+    g_noise = g_cond if shared else torch.Generator(device).manual_seed(noise_seed)
+    return g_noise, g_cond
+
+
+def generate(
+    models: GenfocusModels,
+    conditions: Sequence[ConditionInput],
+    *,
+    prompt: str,
+    guidance: float,
+    noise_generator: torch.Generator,
+    condition_generator: torch.Generator,
+    noise: Tensor | None = None,
+    options: GenerationOptions = GenerationOptions(),
+    on_step: Callable[[int, int], None] | None = None,
+    trace: dict[str, Any] | None = None,
+) -> GenerationResult:
+    """One image: draw the noise, encode the conditions (in list order), denoise, decode.
+
+    Draw order (bit parity with upstream when both generators are seeded as the scripts do): the
+    initial noise ``(1, 16, H/8, W/8)`` from ``noise_generator`` (unless ``noise`` is given), then
+    one posterior eps per condition from ``condition_generator``.
+
+    Args:
+        models: the weights.
+        conditions: at least one, all of the processed size ``(1, 3, H, W)``.
+        prompt: prompt name.
+        guidance: guidance embedding value.
+        noise_generator: RNG of the initial noise.
+        condition_generator: RNG of the posterior samples (may be the same object).
+        noise: explicit initial noise ``(1, 16, H/8, W/8)`` (e.g. the demo's cached noise).
+        options: sampler options.
+        on_step: progress callback.
+        trace: optional dict filled with intermediates.
+
+    Returns:
+        A :class:`GenerationResult` for one image.
+    """
+    if not conditions:
+        raise GenRefocusInputError("conditions must hold at least one condition, got none")
+    device, dtype = _model_device_dtype(models)
+    height, width = conditions[0].pixels.shape[-2:]
+    for i, c in enumerate(conditions):
+        check_bchw(f"conditions[{i}].pixels", c.pixels, 3)
+        if tuple(c.pixels.shape) != (1, 3, height, width):
+            raise GenRefocusInputError(
+                f"conditions[{i}].pixels must have shape (1, 3, {height}, {width}), "
+                f"got {tuple(c.pixels.shape)}"
+            )
+    channels = models.transformer.config.in_channels // 4
+    shape = (1, channels, height // 8, width // 8)
+    if noise is None:
+        noise = _randn(shape, noise_generator, device, dtype)
+    elif tuple(noise.shape) != shape:
+        raise GenRefocusInputError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
+    latents = pack_latents(noise.to(device=device, dtype=dtype))
+    h, w = height // 16, width // 16
+    tokens = []
+    with torch.no_grad():
+        for i, c in enumerate(conditions):
+            # upstream normalises in float32, then casts to the pipeline dtype (layout preserved)
+            x = vae_input_from_image(c.pixels.float(), normalize=c.preprocess, channels_last=c.preprocess)
+            x = x.to(device=device, dtype=dtype)
+            eps = None
+            if options.condition_latent == "sample":
+                eps = _randn(
+                    (shape[0], models.vae.config.latent_channels, *shape[2:]),
+                    condition_generator,
+                    device,
+                    dtype,
+                )
+            tok = encode_condition(models.vae, x, mode=options.condition_latent, noise=eps)
+            tokens.append(ConditionTokens.on_grid(tok, h, w, c.adapter, c.position_delta))
+            if trace is not None:
+                trace[f"cond{i}_input"] = c.pixels
+    return generate_from_tokens(
+        models,
+        latents,
+        tokens,
+        height,
+        width,
+        prompt=prompt,
+        guidance=guidance,
+        options=options,
+        on_step=on_step,
+        trace=trace,
+    )
+
+
+def _per_image(fn: Callable[[int], GenerationResult], batch: int) -> GenerationResult:
+    results = [fn(i) for i in range(batch)]
+    if batch == 1:
+        return results[0]
+    return GenerationResult(
+        *(torch.cat([getattr(r, f) for r in results]) for f in ("image", "decoded", "latents"))
+    )
+
+
+def deblur(
+    models: GenfocusModels,
+    image: Tensor,
+    *,
+    adapter: str = "deblurring",
+    pre_deblurred: Tensor | None = None,
+    pre_deblur_variant: bool = False,
+    options: GenerationOptions = GenerationOptions(),
+    on_step: Callable[[int, int], None] | None = None,
+    trace: dict[str, Any] | None = None,
+) -> GenerationResult:
+    """DeblurNet: an all-in-focus image from a blurry one at the processed size (§8).
+
+    Conditions: ``[blurry]`` (delta 0), or for the pre-deblur variant ``[pre-deblurred at column
+    +32, blurry]`` — the pre-deblurred image LANCZOS-resized to the image size, black if absent.
+
+    Args:
+        models: the weights (``adapter`` loaded).
+        image: ``(B, 3, H, W)`` in [0, 1], H and W multiples of 16 (see :func:`resize_for_generation`).
+        adapter: adapter name of the DeblurNet LoRA (the pre-deblur variant has its own weights).
+        pre_deblurred: ``(B or 1, 3, h, w)`` in [0, 1]; implies the pre-deblur variant.
+        pre_deblur_variant: use the two-condition variant (black pre-deblur image if none given).
+        options: sampler options.
+        on_step: progress callback ``(done, total)``, per image.
+        trace: optional dict filled with intermediates (batch 1).
+
+    Returns:
+        A :class:`GenerationResult`; ``image`` is 8-bit-rounded like the official PNG.
+
+    Raises:
+        GenRefocusInputError: bad shapes or sizes not multiples of 16.
+    """
+    check_bchw("image", image, 3)
+    check_finite("image", image)
+    _check_size16("image", image)
+    device, _ = _model_device_dtype(models)
+    variant = pre_deblur_variant or pre_deblurred is not None
+    if pre_deblurred is not None:
+        check_bchw("pre_deblurred", pre_deblurred, 3)
+        if pre_deblurred.shape[0] not in (1, image.shape[0]):
+            raise GenRefocusInputError(
+                f"pre_deblurred must have batch size 1 or {image.shape[0]}, got {pre_deblurred.shape[0]}"
+            )
+
+    def one(i: int) -> GenerationResult:
+        img = image[i : i + 1]
+        conds = [ConditionInput(img, adapter, (0, 0))]
+        if variant:
+            h, w = img.shape[-2:]
+            if pre_deblurred is None:
+                pre = torch.zeros_like(img)
+            else:
+                pre = pre_deblurred[min(i, pre_deblurred.shape[0] - 1) :][:1]
+                # parity: upstream always LANCZOS-resizes the pre-deblurred image to the processed size
+                pre = _pil_resize(pre, (int(w), int(h)))
+            conds = [ConditionInput(pre, adapter, PRE_DEBLUR_DELTA), conds[0]]
+        g_noise, g_cond = _generators(options, device, shared=True, noise_seed=CONDITION_SEED)
+        return generate(
+            models,
+            conds,
+            prompt="deblur",
+            guidance=DEBLUR_GUIDANCE,
+            noise_generator=g_noise,
+            condition_generator=g_cond,
+            options=options,
+            on_step=on_step,
+            trace=trace,
+        )
+
+    return _per_image(one, image.shape[0])
+
+
+def bokeh(
+    models: GenfocusModels,
+    image: Tensor,
+    defocus: Tensor,
+    *,
+    adapter: str = "bokeh",
+    noise: Tensor | None = None,
+    options: GenerationOptions = GenerationOptions(),
+    on_step: Callable[[int, int], None] | None = None,
+    trace: dict[str, Any] | None = None,
+) -> GenerationResult:
+    """BokehNet: the refocused image from an all-in-focus image and the defocus map (§9).
+
+    Conditions ``[AIF, D_def]``; the map is replicated to 3 channels and fed to the VAE in [0, 1]
+    as float (``No_preprocess``), never quantised.
+
+    Args:
+        models: the weights (``adapter`` loaded).
+        image: ``(B, 3, H, W)`` all-in-focus image in [0, 1] (the official pipeline uses DeblurNet's
+            8-bit output), H and W multiples of 16.
+        defocus: ``(B or 1, 1 or 3, H, W)`` Genfocus map ``clamp(|K (disp - f)| / 100, 0, 1)``.
+        adapter: adapter name of the BokehNet LoRA.
+        noise: explicit initial noise ``(1, 16, H/8, W/8)``, reused for every item (the demo keeps
+            the noise across refocus edits).
+        options: sampler options.
+        on_step: progress callback ``(done, total)``, per image.
+        trace: optional dict filled with intermediates (batch 1).
+
+    Returns:
+        A :class:`GenerationResult`.
+
+    Raises:
+        GenRefocusInputError: bad shapes, sizes or a map outside [0, 1].
+    """
+    check_bchw("image", image, 3)
+    check_finite("image", image)
+    _check_size16("image", image)
+    check_bchw("defocus", defocus, (1, 3))
+    check_finite("defocus", defocus)
+    if defocus.shape[-2:] != image.shape[-2:] or defocus.shape[0] not in (1, image.shape[0]):
+        raise GenRefocusInputError(
+            f"defocus must have shape (1 or {image.shape[0]}, 1 or 3, {image.shape[2]}, {image.shape[3]}), "
+            f"got {tuple(defocus.shape)}"
+        )
+    if float(defocus.min()) < 0 or float(defocus.max()) > 1:
+        raise GenRefocusInputError(
+            f"defocus must lie in [0, 1] (clamp(|coc| / 100, 0, 1)), got [{float(defocus.min()):g}, "
+            f"{float(defocus.max()):g}]"
+        )
+    device, _ = _model_device_dtype(models)
+
+    def one(i: int) -> GenerationResult:
+        d = defocus[min(i, defocus.shape[0] - 1) :][:1]
+        d = d.expand(-1, 3, -1, -1) if d.shape[1] == 1 else d
+        conds = [
+            ConditionInput(image[i : i + 1], adapter, (0, 0)),
+            ConditionInput(d.contiguous(), adapter, (0, 0), preprocess=False),
+        ]
+        g_noise, g_cond = _generators(options, device, shared=False, noise_seed=BOKEH_NOISE_SEED)
+        return generate(
+            models,
+            conds,
+            prompt="bokeh",
+            guidance=BOKEH_GUIDANCE,
+            noise_generator=g_noise,
+            condition_generator=g_cond,
+            noise=noise,
+            options=options,
+            on_step=on_step,
+            trace=trace,
+        )
+
+    return _per_image(one, image.shape[0])
+
+
+def _check_size16(name: str, x: Tensor) -> None:
+    h, w = x.shape[-2:]
+    if h % 16 or w % 16:
+        raise GenRefocusInputError(
+            f"{name} must have height and width that are multiples of 16 px, got {h}x{w}; "
+            "use resize_for_generation() first"
+        )

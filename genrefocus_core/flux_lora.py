@@ -20,6 +20,7 @@ diffusers and peft are imported lazily.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -523,7 +524,9 @@ def load_lora(transformer: nn.Module, path: str | Path, adapter: str, *, replace
         alpha_pattern=dict(pattern),
         init_lora_weights=True,
     )
-    with torch.random.fork_rng(devices=[]):  # PEFT's init draws from the global RNG
+    # PEFT's init draws from the global RNG; several resident adapters are the design, not a mistake
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         transformer.add_adapter(config, adapter_name=adapter)
     modules = dict(transformer.named_modules())
     n_params = 0

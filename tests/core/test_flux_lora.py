@@ -24,6 +24,15 @@ TINY_FLUX = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
 TXT, IMG, COND = 8, 16, 12  # distinct token counts, so a hook can tell the streams apart
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models are all thread synchronisation: on a busy 2-core machine 2 threads run ~30x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def tiny_flux():
     torch.manual_seed(0)
@@ -141,6 +150,7 @@ def test_lora_changes_condition_streams_and_scale_zero_equals_no_adapter():
 
 
 @torch.no_grad()
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
 def test_two_resident_adapters_are_selected_per_stream():
     model = _genfocus_model(adapters=("bokeh", "deblurring"))
     x, ids, conds, emb, pooled = _inputs(n_cond=2)

@@ -306,6 +306,14 @@ def load_vae(
 
     Raises:
         GenRefocusModelError: if the folder is missing or not a diffusers VAE.
+
+    Example:
+        >>> import tempfile
+        >>> from diffusers import AutoencoderKL
+        >>> d = tempfile.mkdtemp()
+        >>> AutoencoderKL(block_out_channels=(4,), norm_num_groups=2, latent_channels=16).save_pretrained(d)
+        >>> load_vae(d).config.latent_channels
+        16
     """
     p = Path(path)
     if not (p / "config.json").is_file():

@@ -403,6 +403,16 @@ def load_transformer(
 
     Raises:
         GenRefocusModelError: if the folder is missing or not a FLUX transformer.
+
+    Example:
+        >>> import tempfile
+        >>> from diffusers import FluxTransformer2DModel
+        >>> d = tempfile.mkdtemp()
+        >>> FluxTransformer2DModel(in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        ...     num_attention_heads=2, joint_attention_dim=8, pooled_projection_dim=8,
+        ...     axes_dims_rope=(2, 2, 4)).save_pretrained(d)
+        >>> load_transformer(d).config.num_layers
+        1
     """
     p = Path(path)
     if not (p / "config.json").is_file():
@@ -463,6 +473,23 @@ def load_lora(transformer: nn.Module, path: str | Path, adapter: str, *, replace
     Raises:
         GenRefocusModelError: missing file, unexpected/missing keys (a few listed), bad shapes, or
             an adapter of that name already loaded (without ``replace``).
+
+    Example:
+        >>> import tempfile, os
+        >>> from diffusers import FluxTransformer2DModel
+        >>> from safetensors.torch import save_file
+        >>> m = FluxTransformer2DModel(in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        ...     num_attention_heads=2, joint_attention_dim=8, pooled_projection_dim=8,
+        ...     axes_dims_rope=(2, 2, 4))
+        >>> mods = dict(m.named_modules())
+        >>> sd = {}
+        >>> for name in lora_target_modules(m):
+        ...     sd[f"transformer.{name}.lora_A.weight"] = torch.zeros(2, mods[name].in_features)
+        ...     sd[f"transformer.{name}.lora_B.weight"] = torch.zeros(mods[name].out_features, 2)
+        >>> path = os.path.join(tempfile.mkdtemp(), "bokehNet.safetensors")
+        >>> save_file(sd, path)
+        >>> load_lora(m, path, "bokeh")
+        LoraInfo(adapter='bokeh', rank=2, modules=13, parameters=1352)
     """
     p = Path(path)
     if not p.is_file():

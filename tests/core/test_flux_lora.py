@@ -302,3 +302,15 @@ def test_target_modules_match_the_flux_dev_count():
     assert len(names) == 343 and len(set(names)) == 343
     assert "transformer_blocks.18.ff.net.2" in names and "single_transformer_blocks.37.proj_out" in names
     assert not any("ff.net.0" in n or "context" in n or "add_" in n for n in names)
+
+
+@torch.no_grad()
+def test_bfloat16_forward_follows_the_model_dtype():
+    model = _genfocus_model()
+    x, ids, conds, emb, pooled = _inputs()
+    ref = _ours(model, x, ids, conds, emb, pooled)
+    model.to(torch.bfloat16)
+    bf = [c.with_tokens(c.tokens.bfloat16(), c.ids) for c in conds]
+    out = _ours(model, x.bfloat16(), ids, bf, emb.bfloat16(), pooled.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert float((out.float() - ref).abs().max()) < 0.05 * float(ref.abs().max())

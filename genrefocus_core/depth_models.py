@@ -40,7 +40,7 @@ from .defocus import disparity_from_depth, resize_like
 from .depth import DepthMap
 from .errors import GenRefocusInputError, GenRefocusModelError
 
-__all__ = ["DEPTH_MODEL_KINDS", "DepthModel", "load_depth_model"]
+__all__ = ["DEPTH_MODEL_FOLDER_HINT", "DEPTH_MODEL_KINDS", "DepthModel", "load_depth_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +71,12 @@ _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+#: What to put where, for messages about missing depth models (ComfyUI folder names).
+DEPTH_MODEL_FOLDER_HINT = f"{_FOLDER_HINTS['depth_pro']}, or {_FOLDER_HINTS['depth_anything_v2']}"
+
+
 def _where_to_put(kind: str | None) -> str:
-    if kind in _FOLDER_HINTS:
-        return _FOLDER_HINTS[kind]
-    return f"{_FOLDER_HINTS['depth_pro']}, or {_FOLDER_HINTS['depth_anything_v2']}"
+    return _FOLDER_HINTS.get(kind or "", DEPTH_MODEL_FOLDER_HINT)
 
 
 @dataclass(frozen=True)

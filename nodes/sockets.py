@@ -6,3 +6,4 @@ Depth = io.Custom("GENREFOCUS_DEPTH")  # genrefocus_core.depth.DepthMap
 Focus = io.Custom("GENREFOCUS_FOCUS")  # genrefocus_core.defocus.FocusTarget
 Defocus = io.Custom("GENREFOCUS_DEFOCUS")  # genrefocus_core.defocus.DefocusMap
 ApertureSocket = io.Custom("GENREFOCUS_APERTURE")  # genrefocus_core.aperture.Aperture
+DepthModel = io.Custom("GENREFOCUS_DEPTH_MODEL")  # genrefocus_core.depth_models.DepthModel

@@ -16,6 +16,8 @@ from .conftest import COMFY_KIND, PACK_NAME
 SCHEMAS = Path(__file__).resolve().parents[1] / "data" / "schemas.json"
 EXPECTED_IDS = {
     "GenRefocus_DepthFromImage",
+    "GenRefocus_DepthModelLoader",
+    "GenRefocus_EstimateDepth",
     "GenRefocus_FocusPoint",
     "GenRefocus_FocusFromMask",
     "GenRefocus_DefocusMap",

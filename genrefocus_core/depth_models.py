@@ -296,7 +296,7 @@ class DepthModel:
         self.module.to(device=dev, dtype=_compute_dtype(self._requested_dtype, dev))
         return self
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: callers may update the maps in place later
     def estimate(self, image: Tensor, *, focal_px: float | None = None,
                  on_step: Callable[[int, int], None] | None = None) -> DepthMap:
         """Estimate depth for a batch of images, frame by frame.

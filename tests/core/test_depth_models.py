@@ -241,6 +241,7 @@ def test_half_precision_is_refused_on_cpu_but_kept_for_accelerators(models_dir):
 def test_results_follow_the_input_device_and_dtype(da2):
     dm = da2.estimate(_img(h=20, w=20).double())
     assert dm.disparity.dtype == torch.float64 and dm.disparity.device.type == "cpu"
+    dm.disparity.mul_(1.0)  # ordinary tensors, not inference-mode ones: in-place updates work later
 
 
 # --- exception --------------------------------------------------------------------------------------

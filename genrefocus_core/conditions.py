@@ -1,4 +1,4 @@
-"""Image-like FLUX streams: 2x2 latent packing, position ids, VAE encoding of conditions.
+"""Image-like FLUX streams: input resizing, 2x2 latent packing, position ids, VAE encoding.
 
 Conventions (official-pipeline.md §4.2, §5):
 
@@ -18,19 +18,23 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from ._checks import check_bchw
+from ._checks import check_bchw, check_finite
 from .errors import GenRefocusInputError, GenRefocusModelError
 
 __all__ = [
     "ConditionTokens",
+    "ResizeInfo",
     "decode_latents",
     "encode_condition",
     "latent_image_ids",
     "load_vae",
     "pack_latents",
+    "processed_size",
+    "resize_for_generation",
     "unpack_latents",
     "vae_input_from_image",
 ]
@@ -180,6 +184,124 @@ class ConditionTokens:
     def with_tokens(self, tokens: Tensor, ids: Tensor) -> ConditionTokens:
         """A copy with other tokens and ids (e.g. one tile of this condition)."""
         return replace(self, tokens=tokens, ids=ids)
+
+
+# ------------------------------------------------------------------------------------------------
+# Resizing (§3)
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResizeInfo:
+    """How :func:`resize_for_generation` changed an image (enough to undo it).
+
+    Attributes:
+        original_size: ``(width, height)`` of the input.
+        scaled_size: ``(width, height)`` after the LANCZOS resize (= original if none).
+        crop: ``(left, top, width, height)`` of the centre crop in the scaled image.
+    """
+
+    original_size: tuple[int, int]
+    scaled_size: tuple[int, int]
+    crop: tuple[int, int, int, int]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """Processed ``(width, height)``, multiples of 16."""
+        return self.crop[2], self.crop[3]
+
+
+def processed_size(width: int, height: int, long_side: int = 0) -> ResizeInfo:
+    """The official processed geometry for a ``width x height`` input (§3), without pixels.
+
+    ``long_side > 0``: scale the longer side to ``long_side`` (the other truncated), then centre-crop
+    to multiples of 16 (min 16). ``long_side == 0``: unchanged if both sides are multiples of 16,
+    else stretched up to the next multiples of 16 (aspect not kept, nothing cropped).
+
+    Example:
+        >>> processed_size(192, 128, 160)
+        ResizeInfo(original_size=(192, 128), scaled_size=(160, 106), crop=(0, 5, 160, 96))
+        >>> processed_size(140, 90).size
+        (144, 96)
+    """
+    for name, v in (("width", width), ("height", height)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise GenRefocusInputError(f"{name} must be an integer >= 1 px, got {v!r}")
+    if isinstance(long_side, bool) or not isinstance(long_side, int) or long_side < 0:
+        raise GenRefocusInputError(f"long_side must be an integer >= 0 (0 = keep), got {long_side!r}")
+    if long_side > 0:
+        if width >= height:
+            new_w, new_h = long_side, int(height * (long_side / width))
+        else:
+            new_w, new_h = int(width * (long_side / height)), long_side
+        if new_w < 1 or new_h < 1:
+            raise GenRefocusInputError(
+                f"long_side {long_side} shrinks the {width}x{height} image to {new_w}x{new_h} px; "
+                "use a larger one"
+            )
+        fw, fh = max((new_w // 16) * 16, 16), max((new_h // 16) * 16, 16)
+        return ResizeInfo((width, height), (new_w, new_h), ((new_w - fw) // 2, (new_h - fh) // 2, fw, fh))
+    fw, fh = ((width + 15) // 16) * 16, ((height + 15) // 16) * 16
+    return ResizeInfo((width, height), (fw, fh), (0, 0, fw, fh))
+
+
+def _to_uint8(image: Tensor) -> np.ndarray:
+    """(1, 3, H, W) in [0, 1] → HWC uint8 (exact for images that came from 8-bit files)."""
+    return np.round(image[0].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).astype(
+        np.uint8
+    )
+
+
+def _from_uint8(arr: np.ndarray, like: Tensor) -> Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    return t.to(device=like.device, dtype=like.dtype)
+
+
+def _pil_resize(image: Tensor, size: tuple[int, int]) -> Tensor:
+    """PIL LANCZOS resize of an 8-bit RGB image to ``size = (width, height)`` (what upstream uses)."""
+    from PIL import Image
+
+    out = Image.fromarray(_to_uint8(image), "RGB").resize(size, Image.LANCZOS)
+    return _from_uint8(np.asarray(out), image)
+
+
+def resize_for_generation(image: Tensor, long_side: int = 0) -> tuple[Tensor, ResizeInfo]:
+    """Resize/crop an image to the official processed size (multiples of 16 px), §3.
+
+    Resizing goes through 8-bit PIL LANCZOS exactly as upstream (so float inputs are rounded to
+    8-bit levels when, and only when, a resize happens). The output is never mapped back.
+
+    Args:
+        image: ``(B, 3, H, W)`` in [0, 1].
+        long_side: target longer side in px, 0 = keep (stretch up to multiples of 16 if needed).
+
+    Returns:
+        ``(image, info)``: ``(B, 3, h, w)`` and a :class:`ResizeInfo`.
+
+    Raises:
+        GenRefocusInputError: bad image or ``long_side``.
+
+    Example:
+        >>> out, info = resize_for_generation(torch.rand(1, 3, 90, 140))
+        >>> tuple(out.shape), info.size
+        ((1, 3, 96, 144), (144, 96))
+    """
+    check_bchw("image", image, 3)
+    check_finite("image", image)
+    h0, w0 = image.shape[-2:]
+    info = processed_size(int(w0), int(h0), long_side)
+    if info.scaled_size == info.original_size and info.crop == (0, 0, w0, h0):
+        return image, info
+    left, top, fw, fh = info.crop
+    outs = []
+    for i in range(image.shape[0]):
+        x = (
+            _pil_resize(image[i : i + 1], info.scaled_size)
+            if info.scaled_size != info.original_size
+            else image[i : i + 1]
+        )
+        outs.append(x[:, :, top : top + fh, left : left + fw])
+    return torch.cat(outs), info
 
 
 def vae_input_from_image(image: Tensor, *, normalize: bool = True, channels_last: bool = True) -> Tensor:

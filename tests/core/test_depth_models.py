@@ -46,7 +46,7 @@ DA_MEAN = [0.485, 0.456, 0.406]
 DA_STD = [0.229, 0.224, 0.225]
 DA_PROC = {"do_resize": True, "size": {"height": 28, "width": 28}, "keep_aspect_ratio": True,
            "ensure_multiple_of": 14, "resample": 3, "do_normalize": True, "image_mean": DA_MEAN,
-           "image_std": DA_STD, "image_processor_type": "DPTImageProcessor"}
+           "image_std": DA_STD, "do_pad": False, "image_processor_type": "DPTImageProcessor"}
 DP_PROC = {"do_resize": True, "size": {"height": DEPTH_PRO_SIDE, "width": DEPTH_PRO_SIDE}, "resample": 2,
            "do_normalize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
            "image_processor_type": "DepthProImageProcessor"}
@@ -217,6 +217,24 @@ def test_depth_anything_keeps_aspect_ratio_in_multiples_of_the_patch(da2):
     finally:
         hook.remove()
     assert tuple(seen[0][-2:]) == (28, 56)
+
+
+def test_preprocessing_matches_the_transformers_image_processors(models_dir, depth_pro, da2):
+    pytest.importorskip("torchvision")  # transformers' processors need it (ComfyUI's venv has it)
+    image = _img(h=37, w=45, seed=9)
+    for model, cls_name, folder in ((da2, "DPTImageProcessor", "DA2"),
+                                    (depth_pro, "DepthProImageProcessor", "DepthPro")):
+        proc = getattr(transformers, cls_name).from_pretrained(models_dir / folder, local_files_only=True)
+        ref = proc(images=image[0], return_tensors="pt", do_rescale=False)["pixel_values"]
+        seen = []
+        hook = model.module.register_forward_pre_hook(
+            lambda m, args, kwargs, seen=seen: seen.append(kwargs["pixel_values"]), with_kwargs=True
+        )
+        try:
+            model.estimate(image)
+        finally:
+            hook.remove()
+        torch.testing.assert_close(seen[0], ref, atol=1e-5, rtol=1e-5)
 
 
 def test_metric_depth_anything_outputs_metres(models_dir):

@@ -35,10 +35,13 @@ def _schema_dict(cls) -> dict:
     inputs = []
     for i in s.inputs:
         d = {"id": i.id, "type": str(i.io_type), "optional": bool(i.optional)}
+        file_list = s.category.endswith("/loaders") and str(i.io_type) == "COMBO"
         for attr in ("default", "min", "max", "options"):
             v = getattr(i, attr, None)
-            if v is not None:
+            if v is not None and not (file_list and attr in ("options", "default")):
                 d[attr] = v
+        if file_list:
+            d["file_list"] = True  # options are the files found on this machine: not snapshotted
         inputs.append(d)
     return {
         "display_name": s.display_name,

@@ -46,7 +46,9 @@ def test_workflow_static(path):
             values = n["widgets_values"]
             assert len(values) == len(widgets), f"{path.name} node {n['id']} {t}: widget count"
             for spec, v in zip(widgets, values, strict=True):
-                if spec["type"] == "COMBO":
+                if spec["type"] == "COMBO" and spec.get("file_list"):
+                    assert isinstance(v, str) and v, (t, spec["id"], v)
+                elif spec["type"] == "COMBO":
                     assert v in spec["options"], (t, spec["id"], v)
                 elif spec["type"] in ("INT", "FLOAT"):
                     assert isinstance(v, int | float) and not isinstance(v, bool), (t, spec["id"], v)

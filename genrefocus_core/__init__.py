@@ -6,7 +6,15 @@ the modules that need them, so ``import genrefocus_core`` stays fast.
 
 from __future__ import annotations
 
-from .aperture import APERTURE_SHAPES, Aperture
+from .aperture import (
+    APERTURE_SHAPES,
+    Aperture,
+    aperture_from_image,
+    aperture_kernel,
+    aperture_mask,
+    aperture_preview,
+)
+from .camera import bokeh_k, f_number_for_k, read_exif
 from .defocus import (
     MAX_COC,
     DefocusMap,
@@ -20,6 +28,7 @@ from .defocus import (
     signed_coc,
 )
 from .depth import DepthMap, depth_map_from_image
+from .depth_models import DepthModel, load_depth_model
 from .errors import GenRefocusError, GenRefocusInputError, GenRefocusModelError
 from .metrics import laplacian_variance, lv_corr, psnr, search_k, ssim
 from .renderer import RENDER_MODES, render_bokeh
@@ -33,21 +42,30 @@ __all__ = [
     "Aperture",
     "DefocusMap",
     "DepthMap",
+    "DepthModel",
     "FocusTarget",
     "GenRefocusError",
     "GenRefocusInputError",
     "GenRefocusModelError",
     "__version__",
+    "aperture_from_image",
+    "aperture_kernel",
+    "aperture_mask",
+    "aperture_preview",
+    "bokeh_k",
     "defocus_condition_map",
     "defocus_map",
     "depth_map_from_image",
     "disparity_from_depth",
+    "f_number_for_k",
     "focus_disparity_center",
     "focus_disparity_from_mask",
     "focus_disparity_from_point",
     "laplacian_variance",
+    "load_depth_model",
     "lv_corr",
     "psnr",
+    "read_exif",
     "render_bokeh",
     "search_k",
     "signed_coc",

@@ -397,12 +397,29 @@ def flux_forward(
 
 
 def load_transformer(
-    path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    path: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    config: dict[str, Any] | str | Path | None = None,
 ) -> nn.Module:
-    """Load a diffusers ``FluxTransformer2DModel`` from a local folder (no download), eval mode.
+    """Load a FLUX transformer from a local diffusers folder or a single ``.safetensors`` file.
+
+    A thin alias of :func:`genrefocus_core.loading.load_flux_transformer` (the one loader: diffusers
+    folders, pipeline folders with ``transformer/``, and single files in BFL/ComfyUI or diffusers
+    layout, fp8 included) with the official CPU default dtype, float32. Nothing is downloaded.
+
+    Args:
+        path: folder or ``.safetensors`` file.
+        device: where to put the model.
+        dtype: compute dtype.
+        config: for single files that are not FLUX.1-dev sized: a config dict or ``config.json``.
+
+    Returns:
+        The model in eval mode.
 
     Raises:
-        GenRefocusModelError: if the folder is missing or not a FLUX transformer.
+        GenRefocusModelError: missing/corrupt files, pickled formats, or tensors that do not fit.
 
     Example:
         >>> import tempfile
@@ -414,19 +431,9 @@ def load_transformer(
         >>> load_transformer(d).config.num_layers
         1
     """
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        raise GenRefocusModelError(
-            f"transformer folder {str(p)!r} has no config.json; point it at FLUX.1-dev's transformer/ "
-            "folder in diffusers layout"
-        )
-    from diffusers import FluxTransformer2DModel
+    from .loading import load_flux_transformer
 
-    try:
-        model = FluxTransformer2DModel.from_pretrained(p, local_files_only=True, torch_dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise GenRefocusModelError(f"cannot load the FLUX transformer from {str(p)!r}: {e}") from e
-    return model.to(device).eval()
+    return load_flux_transformer(path, config=config, dtype=dtype, device=device)
 
 
 @dataclass(frozen=True)

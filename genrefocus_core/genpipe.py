@@ -105,6 +105,8 @@ class GenerationOptions:
         tiling: ``"auto"`` (official rule), ``"on"`` or ``"off"``.
         tile_size: tile side in px, a multiple of 16 (official 512).
         tile_batch: tiles per transformer forward.
+        tile_overlap: overlap of neighbouring tiles as a fraction of the tile side, in [0, 0.5)
+            (official 1/8: 64 px of 512; overlap tokens = ``int(tile_tokens * tile_overlap)``).
         noise: ``"reference"`` (official RNG recipe) or ``"seeded"``.
         seed: seed of ``"seeded"`` mode.
         condition_latent: ``"sample"`` (official posterior sample) or ``"mean"``.
@@ -117,6 +119,7 @@ class GenerationOptions:
     tiling: str = "auto"
     tile_size: int = 512
     tile_batch: int = 4
+    tile_overlap: float = 0.125
     noise: str = "reference"
     seed: int = 0
     condition_latent: str = "sample"
@@ -128,6 +131,12 @@ class GenerationOptions:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise GenRefocusInputError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if isinstance(self.tile_overlap, bool) or not isinstance(self.tile_overlap, int | float) or not (
+            0.0 <= self.tile_overlap < 0.5
+        ):
+            raise GenRefocusInputError(
+                f"tile_overlap must be a fraction in [0, 0.5), got {self.tile_overlap!r}"
+            )
         if self.tile_size % 16:
             raise GenRefocusInputError(f"tile_size must be a multiple of 16 px, got {self.tile_size}")
         for name, allowed in (
@@ -246,7 +255,8 @@ def generate_from_tokens(
     device, dtype = _model_device_dtype(models)
     emb = _prompt(models, prompt, device, dtype)
     tiled = should_tile(height, width, tiling=options.tiling, tile_size=options.tile_size)
-    tiles = TileLayout(h, w, tile=options.tile_size // 16) if tiled else None
+    tile = options.tile_size // 16
+    tiles = TileLayout(h, w, tile=tile, overlap=int(tile * options.tile_overlap)) if tiled else None
     n_mu = h * w
     if options.mu == "clamped":
         n_mu = min(max(n_mu, models.shift.base_seq_len), models.shift.max_seq_len)

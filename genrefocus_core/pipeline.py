@@ -1,0 +1,675 @@
+"""The Genfocus pipeline: the only place where the stages are put in order (official-pipeline.md §1).
+
+:func:`refocus` runs, for every frame of a batch::
+
+    photo ──resize (§3)──► DeblurNet (§8) ──► all-in-focus (AIF)
+    AIF ──depth model, or a given depth map (§10)──► disparity ──focus, K──► D_def
+    AIF + D_def ──► BokehNet (§9) ──► refocused image
+
+:func:`deblur_image` and :func:`bokeh_image` run the first and the second half on their own.
+``k == 0`` returns the all-in-focus image and skips depth and BokehNet, as the official demo.
+
+Geometry (:mod:`~genrefocus_core.geometry`). Generation happens at the *processed size*
+(multiples of 16 px, §3). Inputs given at the photo's own geometry (depth maps, focus points and
+masks, the pre-deblurred image) follow the photo's resize and crop with ``geometry="aligned"``
+(default, fix #6 of §14) or are stretched as by the official CLI with ``geometry="official"``;
+both agree whenever nothing is cropped.
+
+``restore_size=True`` maps ``image`` and ``aif`` back to the input size with
+:func:`~genrefocus_core.geometry.restore_input_size` (the exact geometric inverse of the resize and
+crop; the cropped bands, at most 15 px of the scaled image per side, repeat the edge pixels). Depth
+and defocus maps stay at the processed size.
+
+Weights: :func:`~genrefocus_core.models.load_genfocus_models` (both LoRAs resident at once).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._checks import check_bchw, check_finite, check_number
+from .conditions import ResizeInfo, processed_size, resize_for_generation
+from .defocus import DefocusMap, FocusTarget, defocus_condition_map, defocus_map, resize_like, signed_coc
+from .depth import DepthMap
+from .depth_models import DepthModel
+from .errors import GenRefocusInputError, GenRefocusModelError
+from .genpipe import GenerationOptions, GenfocusModels, bokeh, deblur
+from .geometry import (
+    GEOMETRIES,
+    depth_to_processed,
+    focus_to_processed,
+    frame_focus,
+    restore_input_size,
+    to_processed,
+)
+from .models import ADAPTER_BOKEH, ADAPTER_DEBLUR, ADAPTER_PRE_DEBLUR, LORA_FILES, load_genfocus_models
+from .sampler import TileLayout, should_tile
+
+__all__ = [
+    "ADAPTER_BOKEH",
+    "ADAPTER_DEBLUR",
+    "ADAPTER_PRE_DEBLUR",
+    "DEFAULT_OPTIONS",
+    "GEOMETRIES",
+    "MAX_STEPS",
+    "MIN_SIDE",
+    "RefocusResult",
+    "bokeh_image",
+    "check_inputs",
+    "deblur_image",
+    "load_genfocus_models",
+    "refocus",
+    "restore_input_size",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Most sampler steps accepted (the demo offers 8-50; the official default is 28).
+MAX_STEPS = 100
+#: Smallest image side in px (one FLUX token is 16 px).
+MIN_SIDE = 16
+# Values of ``image`` outside [0, 1] by more than this are refused (e.g. a 0-255 image).
+_RANGE_SLACK = 1e-3
+
+#: The official sampler settings (28 steps, automatic tiling, the official noise recipe).
+DEFAULT_OPTIONS = GenerationOptions()
+
+OnStep = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class RefocusResult:
+    """What a pipeline run produced.
+
+    Attributes:
+        image: ``(B, 3, H, W)`` in [0, 1]: the refocused image (the all-in-focus image when K = 0
+            or for :func:`deblur_image`), at the processed size, or the input size with
+            ``restore_size``.
+        aif: ``(B, 3, H, W)`` the all-in-focus image (DeblurNet's output, or the given AIF after
+            resizing), same size as ``image``.
+        defocus: ``(B, 1, h, w)`` the Genfocus map D_def in [0, 1] at the processed size, or None
+            when BokehNet did not run.
+        coc: the signed CoC map at the processed size, or None when BokehNet did not run.
+        depth: the disparity used, at the processed size, or None when none was needed.
+        info: the resize applied (processed size, crop); undo it with
+            :func:`~genrefocus_core.geometry.restore_input_size`.
+    """
+
+    image: Tensor
+    aif: Tensor
+    defocus: Tensor | None
+    coc: DefocusMap | None
+    depth: DepthMap | None
+    info: ResizeInfo
+
+
+# ------------------------------------------------------------------------------------------------
+# Input checks
+# ------------------------------------------------------------------------------------------------
+
+
+def _has_adapter(models: GenfocusModels, name: str) -> bool:
+    return name in (getattr(models.transformer, "peft_config", None) or {})
+
+
+def _require(models: object, adapter: str, prompt: str) -> None:
+    if not isinstance(models, GenfocusModels):
+        raise GenRefocusInputError(f"models must be a GenfocusModels, got {type(models).__name__}")
+    if not _has_adapter(models, adapter):
+        loaded = sorted(getattr(models.transformer, "peft_config", None) or {}) or "none"
+        raise GenRefocusModelError(
+            f"the LoRA adapter {adapter!r} is not loaded (loaded: {loaded}); load {LORA_FILES[adapter]} "
+            f"with load_genfocus_models()"
+        )
+    if prompt not in models.prompts:
+        raise GenRefocusModelError(
+            f"the cached prompt embedding {prompt!r} is missing (have: {sorted(models.prompts)}); use the "
+            "GenRefocus prompt-embedding file"
+        )
+
+
+def _check_batch(name: str, n: int, b: int) -> None:
+    if n not in (1, b):
+        raise GenRefocusInputError(f"{name} must have batch size 1 or {b} (that of image), got {n}")
+
+
+def check_inputs(
+    image: Tensor,
+    *,
+    stage: str = "refocus",
+    models: GenfocusModels | None = None,
+    k: float = 20.0,
+    options: GenerationOptions = DEFAULT_OPTIONS,
+    depth_model: DepthModel | None = None,
+    depth: DepthMap | None = None,
+    defocus: DefocusMap | None = None,
+    focus: FocusTarget | None = None,
+    pre_deblurred: Tensor | None = None,
+    pre_deblur_variant: bool = False,
+    long_side: int = 0,
+    geometry: str = "aligned",
+) -> ResizeInfo:
+    """Check every input of a pipeline run before any compute (diffusers' ``check_inputs`` style).
+
+    Args:
+        image: ``(B, 3, H, W)`` RGB in [0, 1], both sides ``>= 16`` px.
+        stage: ``"deblur"``, ``"bokeh"`` (from an all-in-focus image) or ``"refocus"`` (both).
+        models: the loaded weights (adapters and prompts the stage needs); None skips these checks.
+        k: blur strength, ``>= 0``; 0 skips BokehNet.
+        options: sampler options; ``steps`` in ``1..MAX_STEPS``.
+        depth_model: a depth estimator run on the all-in-focus image.
+        depth: a given depth map (any size; resized to the processed size).
+        defocus: ``stage="bokeh"`` only: a CoC map at the image's input size or its processed size
+            (replaces ``depth``, ``focus`` and ``k``).
+        focus: where to focus (default: the centre); a mask has batch 1 or B.
+        pre_deblurred: ``(1 or B, 3, h, w)`` pre-deblurred image for the pre-deblur DeblurNet.
+        pre_deblur_variant: use the pre-deblur DeblurNet even without ``pre_deblurred``.
+        long_side: 0 (keep) or the processed longer side in px, ``>= 16``.
+        geometry: one of :data:`GEOMETRIES`.
+
+    Returns:
+        The :class:`~genrefocus_core.conditions.ResizeInfo` the run will use.
+
+    Raises:
+        GenRefocusInputError: a bad value, naming the parameter.
+        GenRefocusModelError: a LoRA adapter or prompt embedding the stage needs is not loaded.
+
+    Example:
+        >>> check_inputs(torch.rand(1, 3, 90, 140), stage="deblur").size
+        (144, 96)
+        >>> check_inputs(torch.rand(1, 3, 8, 8), stage="deblur")  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        GenRefocusInputError: image must be at least 16x16 px, got 8x8
+    """
+    if stage not in ("deblur", "bokeh", "refocus"):
+        raise GenRefocusInputError(f"stage must be 'deblur', 'bokeh' or 'refocus', got {stage!r}")
+    if isinstance(image, Tensor) and image.ndim == 4 and image.shape[1] != 3:
+        raise GenRefocusInputError(
+            f"image must be RGB with 3 channels (B, 3, H, W), got shape {tuple(image.shape)}"
+        )
+    check_bchw("image", image, 3)
+    b, _, h, w = image.shape
+    if h < MIN_SIDE or w < MIN_SIDE:
+        raise GenRefocusInputError(f"image must be at least {MIN_SIDE}x{MIN_SIDE} px, got {h}x{w}")
+    check_finite("image", image)
+    lo, hi = float(image.min()), float(image.max())
+    if lo < -_RANGE_SLACK or hi > 1 + _RANGE_SLACK:
+        raise GenRefocusInputError(
+            f"image must hold values in [0, 1], got [{lo:.4g}, {hi:.4g}]; divide a 0-255 image by 255"
+        )
+    if not isinstance(options, GenerationOptions):
+        raise GenRefocusInputError(f"options must be a GenerationOptions, got {type(options).__name__}")
+    if not 1 <= options.steps <= MAX_STEPS:
+        raise GenRefocusInputError(f"steps must be in 1..{MAX_STEPS}, got {options.steps}")
+    if isinstance(long_side, bool) or not isinstance(long_side, int) or (0 < long_side < MIN_SIDE):
+        raise GenRefocusInputError(
+            f"long_side must be 0 (keep the size) or an integer >= {MIN_SIDE} px, got {long_side!r}"
+        )
+    if geometry not in GEOMETRIES:
+        raise GenRefocusInputError(f"geometry must be one of {', '.join(GEOMETRIES)}, got {geometry!r}")
+    info = processed_size(int(w), int(h), long_side)
+    if stage != "bokeh":
+        variant = pre_deblur_variant or pre_deblurred is not None
+        if pre_deblurred is not None:
+            check_bchw("pre_deblurred", pre_deblurred, 3)
+            check_finite("pre_deblurred", pre_deblurred)
+            _check_batch("pre_deblurred", pre_deblurred.shape[0], b)
+        if models is not None:
+            _require(models, ADAPTER_PRE_DEBLUR if variant else ADAPTER_DEBLUR, "deblur")
+    elif pre_deblurred is not None or pre_deblur_variant:
+        raise GenRefocusInputError("pre_deblurred must be None for the bokeh stage (the image is the AIF)")
+    if stage == "deblur":
+        return info
+    if defocus is not None:
+        if stage != "bokeh":
+            raise GenRefocusInputError("defocus must be None for stage 'refocus'; give depth or depth_model")
+        if not isinstance(defocus, DefocusMap):
+            raise GenRefocusInputError(f"defocus must be a DefocusMap, got {type(defocus).__name__}")
+        if depth is not None or depth_model is not None:
+            raise GenRefocusInputError("give either defocus or depth/depth_model, not both")
+        size = tuple(defocus.coc.shape[-2:])
+        if size not in ((h, w), (info.size[1], info.size[0])):
+            raise GenRefocusInputError(
+                f"defocus must have the size of the all-in-focus image ({h}x{w}) or its processed size "
+                f"({info.size[1]}x{info.size[0]}), got {size[0]}x{size[1]}; compute it from a depth map of "
+                "the same image"
+            )
+        _check_batch("defocus", defocus.coc.shape[0], b)
+        k = defocus.k
+    check_number("k", k, lo=0.0)
+    if k == 0:
+        return info
+    if defocus is None:
+        if (depth is None) == (depth_model is None):
+            raise GenRefocusInputError(
+                "exactly one of depth_model and depth must be given when k > 0, got "
+                f"{'both' if depth is not None else 'neither'}"
+            )
+        if depth_model is not None and not isinstance(depth_model, DepthModel):
+            raise GenRefocusInputError(
+                f"depth_model must be a DepthModel (load_depth_model), got {type(depth_model).__name__}"
+            )
+        if depth is not None:
+            if not isinstance(depth, DepthMap):
+                raise GenRefocusInputError(f"depth must be a DepthMap, got {type(depth).__name__}")
+            check_finite("depth.disparity", depth.disparity)
+            _check_batch("depth", depth.batch_size, b)
+        if focus is not None:
+            if not isinstance(focus, FocusTarget):
+                raise GenRefocusInputError(f"focus must be a FocusTarget, got {type(focus).__name__}")
+            if focus.kind == "mask" and focus.mask is not None:
+                _check_batch("focus.mask", focus.mask.shape[0], b)
+    if models is not None:
+        _require(models, ADAPTER_BOKEH, "bokeh")
+    return info
+
+
+# ------------------------------------------------------------------------------------------------
+# Progress
+# ------------------------------------------------------------------------------------------------
+
+
+def _forwards(height: int, width: int, options: GenerationOptions) -> int:
+    """Transformer forwards of one denoise (what :func:`~genrefocus_core.sampler.denoise` counts)."""
+    if not should_tile(height, width, tiling=options.tiling, tile_size=options.tile_size):
+        return options.steps
+    t = options.tile_size // 16
+    lay = TileLayout(height // 16, width // 16, tile=t, overlap=int(t * options.tile_overlap))
+    return options.steps * len(lay)
+
+
+class _Progress:
+    """One ``on_step(done, total)`` across frames and stages (per step and tile)."""
+
+    def __init__(self, total: int, on_step: OnStep | None) -> None:
+        self.total, self.done, self.on_step = max(int(total), 1), 0, on_step
+
+    def stage(self, units: int) -> OnStep | None:
+        base = self.done
+        self.done = base + units
+        if self.on_step is None:
+            return None
+        cb = self.on_step
+
+        def on_step(done: int, _n: int) -> None:
+            cb(min(base + done, self.total), self.total)
+
+        return on_step
+
+    def tick(self) -> None:
+        self.done += 1
+        if self.on_step is not None:
+            self.on_step(min(self.done, self.total), self.total)
+
+
+# ------------------------------------------------------------------------------------------------
+# Stages
+# ------------------------------------------------------------------------------------------------
+
+
+def _resize(image: Tensor, long_side: int) -> tuple[Tensor, ResizeInfo]:
+    return resize_for_generation(image.float(), long_side)
+
+
+def _deblur_frames(
+    models: GenfocusModels,
+    image: Tensor,
+    info: ResizeInfo,
+    *,
+    pre_deblurred: Tensor | None,
+    pre_deblur_variant: bool,
+    long_side: int,
+    geometry: str,
+    options: GenerationOptions,
+    progress: _Progress,
+) -> Tensor:
+    variant = pre_deblur_variant or pre_deblurred is not None
+    adapter = ADAPTER_PRE_DEBLUR if variant else ADAPTER_DEBLUR
+    if pre_deblurred is not None and geometry == "aligned" and pre_deblurred.shape[-2:] == image.shape[-2:]:
+        pre_deblurred = _resize(pre_deblurred, long_side)[0]  # same scale and crop as the photo
+    processed = _resize(image, long_side)[0]
+    h, w = processed.shape[-2:]
+    out = []
+    for i in range(processed.shape[0]):
+        pre = None if pre_deblurred is None else pre_deblurred[min(i, pre_deblurred.shape[0] - 1) :][:1]
+        res = deblur(
+            models,
+            processed[i : i + 1],
+            adapter=adapter,
+            pre_deblurred=pre,
+            pre_deblur_variant=variant,
+            options=options,
+            on_step=progress.stage(_forwards(h, w, options)),
+        )
+        out.append(res.image.to(image.device))
+    return torch.cat(out)
+
+
+def _bokeh_frames(
+    models: GenfocusModels,
+    aif: Tensor,
+    info: ResizeInfo,
+    *,
+    input_size: tuple[int, int],
+    depth_model: DepthModel | None,
+    depth: DepthMap | None,
+    defocus: DefocusMap | None,
+    focus: FocusTarget | None,
+    k: float,
+    geometry: str,
+    options: GenerationOptions,
+    progress: _Progress,
+) -> tuple[Tensor, Tensor, DefocusMap, DepthMap]:
+    """BokehNet over the frames of a processed-size AIF; returns (image, D_def, coc, depth)."""
+    b, _, h, w = aif.shape
+    given = None if depth is None else depth_to_processed(depth, info, geometry)
+    target = focus_to_processed(focus or FocusTarget("center"), info, geometry)
+    images, d_defs, cocs, disps, depths_m = [], [], [], [], []
+    metric, focal, source = True, None, "defocus"
+    for i in range(b):
+        frame = aif[i : i + 1]
+        if defocus is not None:
+            disp = defocus.disparity[min(i, defocus.disparity.shape[0] - 1) :][:1].to(aif)
+            if tuple(disp.shape[-2:]) != (h, w):
+                if tuple(disp.shape[-2:]) != input_size:
+                    raise GenRefocusInputError(
+                        f"defocus.disparity must have the size of the coc map, got {tuple(disp.shape[-2:])}"
+                    )
+                disp = resize_like(disp, (h, w)) if geometry == "official" else to_processed(disp, info)
+            fd = defocus.focus_disparity.flatten()
+            fd = fd[min(i, fd.numel() - 1) :][:1].to(aif)
+            dm = DefocusMap(signed_coc(disp, fd, defocus.k), disp, defocus.k, fd, defocus.metric)
+            metric, dmap_m = defocus.metric, None
+        else:
+            if given is None:  # check_inputs guarantees a depth model then
+                dmap = depth_model.estimate(frame)
+                progress.tick()
+            else:
+                dmap = DepthMap(
+                    given.disparity[min(i, given.batch_size - 1) :][:1].to(aif),
+                    given.metric,
+                    None
+                    if given.depth_m is None
+                    else given.depth_m[min(i, given.batch_size - 1) :][:1].to(aif),
+                    given.focal_px,
+                    given.source,
+                )
+            metric, focal, source, dmap_m = dmap.metric, dmap.focal_px, dmap.source, dmap.depth_m
+            dm = defocus_map(dmap.disparity, frame_focus(target, i), k, metric=dmap.metric)
+        d_def = defocus_condition_map(dm.coc)
+        res = bokeh(models, frame, d_def, adapter=ADAPTER_BOKEH, options=options,
+                    on_step=progress.stage(_forwards(h, w, options)))
+        images.append(res.image.to(aif.device))
+        d_defs.append(d_def)
+        cocs.append(dm)
+        disps.append(dm.disparity)
+        depths_m.append(dmap_m)
+    coc = DefocusMap(
+        torch.cat([c.coc for c in cocs]),
+        torch.cat(disps),
+        cocs[0].k,
+        torch.cat([c.focus_disparity.flatten() for c in cocs]),
+        metric,
+    )
+    depth_m = torch.cat(depths_m) if all(d is not None for d in depths_m) else None
+    used = DepthMap(coc.disparity, metric, depth_m, focal, source)
+    return torch.cat(images), torch.cat(d_defs), coc, used
+
+
+def _finish(
+    image: Tensor,
+    aif: Tensor,
+    info: ResizeInfo,
+    restore_size: bool,
+    defocus: Tensor | None = None,
+    coc: DefocusMap | None = None,
+    depth: DepthMap | None = None,
+) -> RefocusResult:
+    if restore_size:
+        image = restore_input_size(image, info)
+        aif = image if aif is image else restore_input_size(aif, info)
+    return RefocusResult(image, aif, defocus, coc, depth, info)
+
+
+def deblur_image(
+    image: Tensor,
+    *,
+    models: GenfocusModels,
+    options: GenerationOptions = DEFAULT_OPTIONS,
+    pre_deblurred: Tensor | None = None,
+    pre_deblur_variant: bool = False,
+    long_side: int = 0,
+    geometry: str = "aligned",
+    restore_size: bool = False,
+    on_step: OnStep | None = None,
+) -> RefocusResult:
+    """DeblurNet on a photo: resize (§3), then an all-in-focus image per frame (§8).
+
+    Args:
+        image: ``(B, 3, H, W)`` blurry photo in [0, 1], sides ``>= 16`` px.
+        models: weights with the DeblurNet LoRA (or the pre-deblur one for the variant).
+        options: sampler options.
+        pre_deblurred: ``(1 or B, 3, h, w)`` image from another deblurring method; selects the
+            pre-deblur DeblurNet (:data:`ADAPTER_PRE_DEBLUR`).
+        pre_deblur_variant: use the pre-deblur DeblurNet with a black pre-deblurred image.
+        long_side: 0 = keep the size, else the processed longer side in px.
+        geometry: how ``pre_deblurred`` (at the photo's size) follows the crop, see the module doc.
+        restore_size: map the result back to the input size.
+        on_step: ``on_step(done, total)`` per step and tile over the whole batch.
+
+    Returns:
+        A :class:`RefocusResult` with ``image == aif`` and no maps.
+
+    Raises:
+        GenRefocusInputError: bad inputs (see :func:`check_inputs`).
+        GenRefocusModelError: the needed LoRA is not loaded.
+    """
+    info = check_inputs(
+        image,
+        stage="deblur",
+        models=models,
+        options=options,
+        pre_deblurred=pre_deblurred,
+        pre_deblur_variant=pre_deblur_variant,
+        long_side=long_side,
+        geometry=geometry,
+    )
+    h, w = info.size[1], info.size[0]
+    progress = _Progress(image.shape[0] * _forwards(h, w, options), on_step)
+    aif = _deblur_frames(
+        models,
+        image,
+        info,
+        pre_deblurred=pre_deblurred,
+        pre_deblur_variant=pre_deblur_variant,
+        long_side=long_side,
+        geometry=geometry,
+        options=options,
+        progress=progress,
+    )
+    return _finish(aif, aif, info, restore_size)
+
+
+def bokeh_image(
+    aif: Tensor,
+    *,
+    models: GenfocusModels,
+    depth_model: DepthModel | None = None,
+    depth: DepthMap | None = None,
+    defocus: DefocusMap | None = None,
+    focus: FocusTarget | None = None,
+    k: float = 20.0,
+    options: GenerationOptions = DEFAULT_OPTIONS,
+    long_side: int = 0,
+    geometry: str = "aligned",
+    restore_size: bool = False,
+    on_step: OnStep | None = None,
+) -> RefocusResult:
+    """BokehNet on an all-in-focus image: resize (§3), disparity, D_def, BokehNet per frame (§9, §10).
+
+    The disparity comes from ``depth_model`` (run on the resized AIF), from ``depth`` (resized), or
+    from a ready ``defocus`` map (its disparity, focus and K; at the AIF's input or processed size).
+
+    Args:
+        aif: ``(B, 3, H, W)`` all-in-focus image in [0, 1].
+        models: weights with the BokehNet LoRA.
+        depth_model: depth estimator.
+        depth: depth map of the AIF (any size).
+        defocus: a CoC map (replaces ``depth``, ``focus`` and ``k``).
+        focus: where to focus (default: centre).
+        k: blur strength (px*m for metric depth, as Genfocus; the demo's default is 20); 0 returns
+            the AIF.
+        options: sampler options.
+        long_side: 0 = keep the size, else the processed longer side in px.
+        geometry: see the module docstring.
+        restore_size: map the results back to the input size.
+        on_step: ``on_step(done, total)`` per step and tile (and per depth frame).
+
+    Returns:
+        A :class:`RefocusResult`.
+
+    Raises:
+        GenRefocusInputError: bad inputs (see :func:`check_inputs`).
+        GenRefocusModelError: the BokehNet LoRA is not loaded.
+    """
+    info = check_inputs(
+        aif,
+        stage="bokeh",
+        models=models,
+        k=k,
+        options=options,
+        depth_model=depth_model,
+        depth=depth,
+        defocus=defocus,
+        focus=focus,
+        long_side=long_side,
+        geometry=geometry,
+    )
+    processed = _resize(aif, long_side)[0]
+    if (defocus.k if defocus is not None else k) == 0:
+        return _finish(processed, processed, info, restore_size)
+    h, w = info.size[1], info.size[0]
+    units = _forwards(h, w, options) + (1 if depth_model is not None else 0)
+    progress = _Progress(aif.shape[0] * units, on_step)
+    image, d_def, coc, used = _bokeh_frames(
+        models,
+        processed,
+        info,
+        input_size=tuple(aif.shape[-2:]),
+        depth_model=depth_model,
+        depth=depth,
+        defocus=defocus,
+        focus=focus,
+        k=k,
+        geometry=geometry,
+        options=options,
+        progress=progress,
+    )
+    return _finish(image, processed, info, restore_size, d_def, coc, used)
+
+
+def refocus(
+    image: Tensor,
+    *,
+    models: GenfocusModels,
+    depth_model: DepthModel | None = None,
+    depth: DepthMap | None = None,
+    focus: FocusTarget | None = None,
+    k: float = 20.0,
+    options: GenerationOptions = DEFAULT_OPTIONS,
+    pre_deblurred: Tensor | None = None,
+    pre_deblur_variant: bool = False,
+    long_side: int = 0,
+    geometry: str = "aligned",
+    restore_size: bool = False,
+    on_step: OnStep | None = None,
+) -> RefocusResult:
+    """The whole Genfocus pipeline on a photo: resize → DeblurNet → depth → D_def → BokehNet.
+
+    Every frame of the batch is processed on its own, with the official noise recipe of
+    ``options`` (the same noise for every frame). Depth comes from ``depth_model`` run on the
+    all-in-focus image (as the official demo), or from ``depth`` (a map of the input photo, any
+    size, resized bilinearly; metric depth is resized before taking 1/depth, as the official CLI
+    does with ``.npy`` files). ``k == 0`` returns the all-in-focus image (no depth, no BokehNet).
+
+    Args:
+        image: ``(B, 3, H, W)`` photo in [0, 1], sides ``>= 16`` px.
+        models: weights with the DeblurNet and BokehNet LoRAs.
+        depth_model: depth estimator run on the all-in-focus image.
+        depth: depth map of the photo instead of a model.
+        focus: where to focus (point/mask given on the input photo; default: centre).
+        k: blur strength, ``>= 0`` (px*m with metric depth; demo default 20, official CLI 15).
+        options: sampler options (``steps`` in 1..100).
+        pre_deblurred: optional pre-deblurred photo (pre-deblur DeblurNet).
+        pre_deblur_variant: the pre-deblur DeblurNet with a black pre-deblurred image.
+        long_side: 0 = keep the size, else the processed longer side in px.
+        geometry: ``"aligned"`` or ``"official"`` (see the module docstring).
+        restore_size: map ``image`` and ``aif`` back to the input size.
+        on_step: ``on_step(done, total)`` per denoise step and tile, and per depth frame, over the
+            whole batch; it may raise to interrupt (the models stay usable).
+
+    Returns:
+        A :class:`RefocusResult`.
+
+    Raises:
+        GenRefocusInputError: bad inputs, naming the parameter (see :func:`check_inputs`).
+        GenRefocusModelError: a needed LoRA or prompt embedding is not loaded.
+
+    Example:
+        >>> models = load_genfocus_models("models/diffusers/FLUX.1-dev", ...)  # doctest: +SKIP
+        >>> out = refocus(photo, models=models, depth=depth, focus=FocusTarget("point", x=0.3, y=0.6),
+        ...               k=20)  # doctest: +SKIP
+        >>> out.image.shape == out.aif.shape  # doctest: +SKIP
+        True
+    """
+    info = check_inputs(
+        image,
+        stage="refocus",
+        models=models,
+        k=k,
+        options=options,
+        depth_model=depth_model,
+        depth=depth,
+        focus=focus,
+        pre_deblurred=pre_deblurred,
+        pre_deblur_variant=pre_deblur_variant,
+        long_side=long_side,
+        geometry=geometry,
+    )
+    h, w = info.size[1], info.size[0]
+    fw = _forwards(h, w, options)
+    units = fw if k == 0 else 2 * fw + (1 if depth_model is not None else 0)
+    progress = _Progress(image.shape[0] * units, on_step)
+    aif = _deblur_frames(
+        models,
+        image,
+        info,
+        pre_deblurred=pre_deblurred,
+        pre_deblur_variant=pre_deblur_variant,
+        long_side=long_side,
+        geometry=geometry,
+        options=options,
+        progress=progress,
+    )
+    if k == 0:
+        return _finish(aif, aif, info, restore_size)
+    out, d_def, coc, used = _bokeh_frames(
+        models,
+        aif,
+        info,
+        input_size=tuple(image.shape[-2:]),
+        depth_model=depth_model,
+        depth=depth,
+        defocus=None,
+        focus=focus,
+        k=k,
+        geometry=geometry,
+        options=options,
+        progress=progress,
+    )
+    return _finish(out, aif, info, restore_size, d_def, coc, used)

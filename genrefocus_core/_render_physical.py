@@ -59,7 +59,7 @@ __all__ = ["render_physical"]
 logger = logging.getLogger(__name__)
 
 #: Radii (px) of the first layers after 0; geometric growth by :data:`_RATIO` after the last one.
-_FINE = (1.0, 2.0)
+_FINE = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
 _RATIO = 1.3
 #: Bins whose smaller radius is at least ``2 * _R0`` px are blurred at reduced resolution.
 _R0 = 6.0
@@ -177,36 +177,18 @@ class _Kernels:
         return spec
 
 
-def _convolve_pair(u: Tensor, v: Tensor, lam_u: float, lam_v: float, s: int, kernels: _Kernels,
-                   margin: int) -> Tensor:
-    """``K(lam_u) * u + K(lam_v) * v`` (linear convolution), output grown by ``margin`` per side.
-
-    ``u``, ``v``: ``(4, h, w)``; returns ``(4, h + 2 margin, w + 2 margin)``.
-    """
-    h, w = u.shape[-2:]
+def _convolve(x: Tensor, lam: float, s: int, kernels: _Kernels, margin: int) -> Tensor:
+    """Linear convolution of ``x`` ``(C, h, w)`` with ``K(lam)`` at level ``s``, grown by ``margin``."""
+    h, w = x.shape[-2:]
+    if kernels.half(lam, s) == 0:
+        return F.pad(x, (margin, margin, margin, margin))
     oh, ow = h + 2 * margin, w + 2 * margin
-    delta_u, delta_v = kernels.half(lam_u, s) == 0, kernels.half(lam_v, s) == 0
-    if delta_u and delta_v:
-        return F.pad(u + v, (margin, margin, margin, margin))
     fh, fw = _nice(oh), _nice(ow)
-    parts = [x for x, d in ((u, delta_u), (v, delta_v)) if not d]
-    buf = torch.zeros(4 * len(parts), fh, fw, dtype=u.dtype, device=u.device)
-    for i, x in enumerate(parts):
-        buf[4 * i:4 * i + 4, margin:margin + h, margin:margin + w] = x
+    buf = torch.zeros(x.shape[0], fh, fw, dtype=x.dtype, device=x.device)
+    buf[:, margin:margin + h, margin:margin + w] = x
     spec = torch.fft.rfft2(buf)
-    acc = None
-    for i, (lam, d) in enumerate(((lam_u, delta_u), (lam_v, delta_v))):
-        if d:
-            continue
-        j = i if not delta_u else 0
-        term = spec[4 * j:4 * j + 4] * kernels.spectrum(lam, s, fh, fw)
-        acc = term if acc is None else acc + term
-    out = torch.fft.irfft2(acc, s=(fh, fw))[:, :oh, :ow]
-    if delta_u:
-        out[:, margin:margin + h, margin:margin + w] += u
-    elif delta_v:
-        out[:, margin:margin + h, margin:margin + w] += v
-    return out
+    spec *= kernels.spectrum(lam, s, fh, fw)
+    return torch.fft.irfft2(spec, s=(fh, fw))[:, :oh, :ow]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,41 +237,8 @@ def _dilate(mask: Tensor, radius: float) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Bins
+# Layers
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Bin:
-    index: int
-    upper: float  # lambda[b]: radius at t = 1 (nearer end)
-    lower: float  # lambda[b+1]
-    level: int
-    box: tuple[int, int, int, int]  # own pixels, full-res (y0, y1, x0, x1), exclusive ends
-
-
-def _bins(beta: Tensor, radii: list[float]) -> list[_Bin]:
-    """Non-empty bins with their own pixels' bounding boxes."""
-    nb = len(radii) - 1
-    h, w = beta.shape
-    rows = torch.zeros(h, nb + 1, dtype=torch.uint8, device=beta.device).scatter_(1, beta, 1)[:, :nb]
-    cols = torch.zeros(w, nb + 1, dtype=torch.uint8, device=beta.device).scatter_(1, beta.t(), 1)[:, :nb]
-    rows_any, cols_any = rows.t().bool(), cols.t().bool()  # (nb, h), (nb, w)
-    present = rows_any.any(dim=1).tolist()
-    ar_h = torch.arange(h, device=beta.device)
-    ar_w = torch.arange(w, device=beta.device)
-    big = max(h, w) + 1
-    y0 = torch.where(rows_any, ar_h, big).amin(dim=1).tolist()
-    y1 = torch.where(rows_any, ar_h, -1).amax(dim=1).tolist()
-    x0 = torch.where(cols_any, ar_w, big).amin(dim=1).tolist()
-    x1 = torch.where(cols_any, ar_w, -1).amax(dim=1).tolist()
-    out = []
-    for b in range(nb):
-        if not present[b]:
-            continue
-        up, lo = radii[b], radii[b + 1]
-        out.append(_Bin(b, up, lo, _level(min(abs(up), abs(lo))), (y0[b], y1[b] + 1, x0[b], x1[b] + 1)))
-    return out
 
 
 @dataclass
@@ -297,115 +246,39 @@ class _Frame:
     """Per-image arrays, padded to a multiple of the coarsest level (padding = no surface)."""
 
     lin: Tensor  # (3, H, W) linear (expanded) colour
-    beta: Tensor  # (H, W) int64 bin index; nb in the padding
-    t: Tensor  # (H, W) tent weight towards the bin's upper radius
+    beta: Tensor  # (H, W) int64: the pixel lies between layers beta and beta + 1; huge in the padding
+    t: Tensor  # (H, W) share of the pixel in layer beta (the nearer one); 1 - t goes to beta + 1
+    radii: list[float]  # signed layer radii, descending
+    boxes: list[tuple[int, int, int, int] | None]  # per bin: bounding box (y0, y1, x0, x1) or None
     c_max: float
     height: int
     width: int
 
 
-def _bin_rgba(frame: _Frame, bin_: _Bin, kernels: _Kernels) -> tuple[tuple[int, int], Tensor]:
-    """Blurred premultiplied RGBA of one bin at its level; returns (top-left cell, (4, h, w))."""
-    s = bin_.level
-    hp, wp = frame.beta.shape
-    b = bin_.index
-    lam_u, lam_v = bin_.upper, bin_.lower
-    r_own = max(abs(lam_u), abs(lam_v))
-    r_occ = max(frame.c_max, abs(lam_u) if lam_u < 0 else 0.0)
-    reach = math.ceil((r_occ + r_own) * kernels.extent) + 2  # px from which hidden parts are seen
-    y0, y1, x0, x1 = bin_.box
-    # working box (where the bin or its extension may be), aligned to the level grid
-    wy0, wx0 = max(0, y0 - reach) // s * s, max(0, x0 - reach) // s * s
-    wy1 = min(hp, -(-(y1 + reach) // s) * s)
-    wx1 = min(wp, -(-(x1 + reach) // s) * s)
-    beta = frame.beta[wy0:wy1, wx0:wx1]
-    t = frame.t[wy0:wy1, wx0:wx1]
-    lin = frame.lin[:, wy0:wy1, wx0:wx1]
-    dt = lin.dtype
-
-    own = beta == b
-    mt = torch.where(own, t, 0.0)
-    mu = own.to(dt) - mt
-    same = torch.where(beta == b - 1, 1.0 - t, 0.0)
-    nearer = (beta < b).to(dt)
-    parts = torch.cat([lin * mt, mt[None], lin * mu, mu[None], lin * same, same[None], nearer[None]])
-    if s > 1:
-        parts = F.avg_pool2d(parts[None], s)[0]
-    u_own, v_own, s_part, n_frac = parts[0:4], parts[4:8], parts[8:12], parts[12]
-
-    u, v = u_own, v_own
-    if float(n_frac.amax()) > 0.0:
-        support = (u_own[3] + v_own[3]) > 0
-        ext = _dilate(support, reach / s).to(dt)
-        # colour source: the bin's pixels and the adjacent nearer ones (same surface); the tent
-        # weight of the extension continues that of the bin's own pixels
-        src = torch.cat([u_own + v_own + s_part, u_own[3:4], u_own[3:4] + v_own[3:4]])
-        if s == 1 and min(src.shape[-2:]) > 2:
-            fill = _pull_push(F.avg_pool2d(src[None], 2, ceil_mode=True)[0])
-            fill = F.interpolate(fill[None], scale_factor=2, mode="bilinear", align_corners=False)[0]
-            fill = fill[:, :src.shape[1], :src.shape[2]]
-        else:
-            fill = _pull_push(src)
-        a_fill = (n_frac - s_part[3]).clamp(0.0, 1.0)
-        hidden = ext * (s_part + a_fill * torch.cat([fill[:3], torch.ones_like(fill[:1])]))
-        t_ext = fill[3:4].clamp(0.0, 1.0)
-        u = u_own + t_ext * hidden
-        v = v_own + hidden - t_ext * hidden
-
-    # trim to the content's bounding box before the FFT
-    alpha_any = (u[3] + v[3]) > 0
-    ys = torch.nonzero(alpha_any.any(dim=1)).flatten()
-    xs = torch.nonzero(alpha_any.any(dim=0)).flatten()
-    cy0, cy1 = int(ys[0]), int(ys[-1]) + 1
-    cx0, cx1 = int(xs[0]), int(xs[-1]) + 1
-    margin = max(kernels.half(lam_u, s), kernels.half(lam_v, s))
-    rgba = _convolve_pair(u[:, cy0:cy1, cx0:cx1], v[:, cy0:cy1, cx0:cx1], lam_u, lam_v, s, kernels, margin)
-    return (wy0 // s + cy0 - margin, wx0 // s + cx0 - margin), rgba
+def _bin_boxes(beta: Tensor, nb: int) -> list[tuple[int, int, int, int] | None]:
+    """Bounding box of each bin's pixels (``None`` when empty)."""
+    h, w = beta.shape
+    rows = torch.zeros(h, nb, dtype=torch.uint8, device=beta.device).scatter_(1, beta, 1).t().bool()
+    cols = torch.zeros(w, nb, dtype=torch.uint8, device=beta.device).scatter_(1, beta.t(), 1).t().bool()
+    ar_h = torch.arange(h, device=beta.device)
+    ar_w = torch.arange(w, device=beta.device)
+    big = max(h, w) + 1
+    stats = torch.stack([
+        torch.where(rows, ar_h, big).amin(dim=1), torch.where(rows, ar_h, -1).amax(dim=1),
+        torch.where(cols, ar_w, big).amin(dim=1), torch.where(cols, ar_w, -1).amax(dim=1),
+    ]).t().tolist()
+    return [(y0, y1 + 1, x0, x1 + 1) if y1 >= 0 else None for y0, y1, x0, x1 in stats]
 
 
-class _Canvas:
-    """Front-to-back accumulator ``(colour, transmittance)`` on one level's grid."""
-
-    def __init__(self, height: int, width: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.colour = torch.zeros(3, height, width, dtype=dtype, device=device)
-        self.trans = torch.ones(1, height, width, dtype=dtype, device=device)
-        self.touched: list[int] | None = None  # y0, y1, x0, x1 in cells
-
-    def over(self, top_left: tuple[int, int], rgba: Tensor) -> None:
-        """Composite ``rgba`` (premultiplied, behind everything so far) at ``top_left``."""
-        hh, ww = self.trans.shape[-2:]
-        y, x = top_left
-        h, w = rgba.shape[-2:]
-        ya, xa = max(0, y), max(0, x)
-        yb, xb = min(hh, y + h), min(ww, x + w)
-        if ya >= yb or xa >= xb:
-            return
-        src = rgba[:, ya - y:yb - y, xa - x:xb - x]
-        tr = self.trans[:, ya:yb, xa:xb]
-        self.colour[:, ya:yb, xa:xb] += tr * src[:3]
-        tr.mul_(1.0 - src[3:4].clamp(0.0, 1.0))
-        t_ = self.touched
-        self.touched = [ya, yb, xa, xb] if t_ is None else [min(t_[0], ya), max(t_[1], yb),
-                                                           min(t_[2], xa), max(t_[3], xb)]
-
-    def merge_into(self, dst: _Canvas, s: int) -> None:
-        """Upsample this level-``s`` canvas bilinearly and composite it (as one layer) into ``dst``."""
-        if self.touched is None:
-            return
-        hh, ww = self.trans.shape[-2:]
-        y0, y1, x0, x1 = self.touched
-        ya, yb, xa, xb = max(0, y0 - 1), min(hh, y1 + 1), max(0, x0 - 1), min(ww, x1 + 1)
-        rgba = torch.cat([self.colour[:, ya:yb, xa:xb], 1.0 - self.trans[:, ya:yb, xa:xb]])
-        up = F.interpolate(rgba[None], scale_factor=s, mode="bilinear", align_corners=False)[0]
-        dst.over((ya * s, xa * s), up)
+def _union(a: tuple[int, int, int, int] | None, b: tuple[int, int, int, int] | None):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return (min(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), max(a[3], b[3]))
 
 
-# ----------------------------------------------------------------------------------------------
-# Entry point
-# ----------------------------------------------------------------------------------------------
-
-
-def _prepare(lin: Tensor, coc: Tensor) -> tuple[_Frame, list[float], list[_Bin]]:
+def _prepare(lin: Tensor, coc: Tensor) -> _Frame:
     c_min, c_max = float(coc.amin()), float(coc.amax())
     radii = _layer_radii(c_min, c_max)
     nb = len(radii) - 1
@@ -413,40 +286,179 @@ def _prepare(lin: Tensor, coc: Tensor) -> tuple[_Frame, list[float], list[_Bin]]
     i = torch.bucketize(coc, asc).clamp_(1, nb)  # asc[i-1] < c <= asc[i]
     lower, upper = asc[i - 1], asc[i]
     t = ((coc - lower) / (upper - lower)).clamp_(0.0, 1.0)
-    beta = nb - i  # descending index: bin b = (radii[b+1], radii[b]]
-    bins = _bins(beta, radii)
-    smax = max(b.level for b in bins)
+    beta = nb - i  # bin index in descending order: between radii[beta] and radii[beta + 1]
+    boxes = _bin_boxes(beta, nb)
+    smax = max(_level(abs(r)) for r in radii)
     h, w = coc.shape
     hp, wp = -(-h // smax) * smax, -(-w // smax) * smax
     if (hp, wp) != (h, w):
         lin = F.pad(lin, (0, wp - w, 0, hp - h))
         t = F.pad(t, (0, wp - w, 0, hp - h))
-        beta = F.pad(beta, (0, wp - w, 0, hp - h), value=nb)
-    return _Frame(lin, beta, t, max(c_max, 0.0), h, w), radii, bins
+        beta = F.pad(beta, (0, wp - w, 0, hp - h), value=len(radii) + 2)
+    return _Frame(lin, beta, t, radii, boxes, max(c_max, 0.0), h, w)
 
 
-def _render_one(lin: Tensor, coc: Tensor, aperture: Aperture | None, steps: Callable[[], None]) -> Tensor:
-    frame, _, bins = _prepare(lin, coc)
+def _layer_rgba(frame: _Frame, index: int, s: int,
+                kernels: _Kernels) -> tuple[tuple[int, int], Tensor] | None:
+    """Blurred premultiplied RGBA of layer ``index`` at level ``s``: (top-left cell, ``(4, h, w)``).
+
+    The layer holds its share of the pixels on either side of it (tent weights) and, behind
+    pixels at least two layers nearer (which occlude it), an extrapolated hidden surface.
+    """
+    lam = frame.radii[index]
+    nb = len(frame.radii) - 1
+    own_box = _union(frame.boxes[index] if index < nb else None,
+                     frame.boxes[index - 1] if index > 0 else None)
+    if own_box is None:
+        return None
+    hp, wp = frame.beta.shape
+    r_occ = max(frame.c_max, -lam)
+    reach = math.ceil((r_occ + abs(lam)) * kernels.extent) + 2  # px from which hidden parts are seen
+    y0, y1, x0, x1 = own_box
+    grown = (y0 - reach, y1 + reach, x0 - reach, x1 + reach)
+    occluded = any(
+        b is not None and b[0] < grown[1] and grown[0] < b[1] and b[2] < grown[3] and grown[2] < b[3]
+        for b in frame.boxes[:max(0, index - 1)]
+    )
+    m = reach if occluded else 0
+    wy0, wx0 = max(0, y0 - m) // s * s, max(0, x0 - m) // s * s
+    wy1, wx1 = min(hp, -(-(y1 + m) // s) * s), min(wp, -(-(x1 + m) // s) * s)
+    beta = frame.beta[wy0:wy1, wx0:wx1]
+    t = frame.t[wy0:wy1, wx0:wx1]
+    lin = frame.lin[:, wy0:wy1, wx0:wx1]
+
+    share = torch.where(beta == index, t, 0.0) + torch.where(beta == index - 1, 1.0 - t, 0.0)
+    chans = [lin * share, share[None]]
+    if occluded:
+        # occlusion weight: the pixel's part in a layer at least two layers nearer
+        occ = torch.where(beta <= index - 2, t, 0.0) + torch.where(beta <= index - 3, 1.0 - t, 0.0)
+        chans.append(occ[None])
+    x = torch.cat(chans)
+    if s > 1:
+        x = F.avg_pool2d(x[None], s)[0]
+    if occluded and float(x[4].amax()) > 0.0:
+        occ = x[4:5]
+        x = x[:4]
+        ext = _dilate(x[3] > 0, reach / s).to(x.dtype)
+        # fill: the layer's colour extrapolated; share: how much of the hidden surface is this layer
+        src = torch.cat([x, x[3:4], 1.0 - occ])
+        if s == 1 and min(src.shape[-2:]) > 2:
+            fill = _pull_push(F.avg_pool2d(src[None], 2, ceil_mode=True)[0])
+            fill = F.interpolate(fill[None], scale_factor=2, mode="bilinear", align_corners=False)[0]
+            fill = fill[:, :src.shape[1], :src.shape[2]]
+        else:
+            fill = _pull_push(src)
+        hidden = occ * ext * fill[3:4].clamp(0.0, 1.0)
+        x = x + torch.cat([fill[:3] * hidden, hidden])
+    else:
+        x = x[:4]
+    alpha_any = x[3] > 0
+    ys = torch.nonzero(alpha_any.any(dim=1)).flatten()
+    xs = torch.nonzero(alpha_any.any(dim=0)).flatten()
+    if len(ys) == 0:
+        return None
+    cy0, cy1 = int(ys[0]), int(ys[-1]) + 1
+    cx0, cx1 = int(xs[0]), int(xs[-1]) + 1
+    margin = kernels.half(lam, s)
+    rgba = _convolve(x[:, cy0:cy1, cx0:cx1], lam, s, kernels, margin)
+    return (wy0 // s + cy0 - margin, wx0 // s + cx0 - margin), rgba
+
+
+def _clip(top_left: tuple[int, int], rgba: Tensor, hh: int, ww: int):
+    """Window of ``rgba`` placed at ``top_left`` inside an ``hh x ww`` canvas (None if outside)."""
+    y, x = top_left
+    h, w = rgba.shape[-2:]
+    ya, xa, yb, xb = max(0, y), max(0, x), min(hh, y + h), min(ww, x + w)
+    if ya >= yb or xa >= xb:
+        return None
+    return (slice(ya, yb), slice(xa, xb)), rgba[:, ya - y:yb - y, xa - x:xb - x]
+
+
+class _Group:
+    """Consecutive layers at one level ``s``, accumulated front to back on that level's grid.
+
+    Occlusion is additive: layer ``l`` is weighted by ``clamp(1 - sum of the blurred alphas of
+    layers <= l - 2, 0, 1)``; the adjacent layer ``l - 1`` never occludes it (a surface crossing
+    from one layer to the next is continuous, and a pixel shared by two layers must not hide
+    itself). Layers before the group act through the caller's transmittance, except the one just
+    before it (``before``), which is treated here like any group member.
+    """
+
+    def __init__(self, s: int, before: Tensor | None, shape: tuple[int, int], like: Tensor) -> None:
+        hh, ww = shape
+        self.s = s
+        self.num = like.new_zeros(3, hh, ww)
+        self.cov = like.new_zeros(1, hh, ww)
+        self.occ = like.new_zeros(1, hh, ww)
+        self.prev: tuple[tuple[slice, slice], Tensor] | None = None
+        if before is not None:
+            self.prev = ((slice(0, hh), slice(0, ww)), before)
+
+    def add(self, placed: tuple[tuple[int, int], Tensor] | None) -> None:
+        current = None
+        if placed is not None:
+            clipped = _clip(*placed, *self.cov.shape[-2:])
+            if clipped is not None:
+                (ys, xs), rgba = clipped
+                alpha = rgba[3:4].clamp(0.0, 1.0)
+                weight = (1.0 - self.occ[:, ys, xs]).clamp_(0.0, 1.0)
+                self.num[:, ys, xs] += weight * rgba[:3]
+                self.cov[:, ys, xs] += weight * alpha
+                current = ((ys, xs), alpha)
+        if self.prev is not None:
+            (ys, xs), alpha = self.prev
+            self.occ[:, ys, xs] += alpha
+        self.prev = current
+
+    def last_alpha(self) -> Tensor | None:
+        """Blurred alpha of the group's last layer on the full grid (occludes the next group)."""
+        if self.prev is None:
+            return None
+        (ys, xs), alpha = self.prev
+        full = torch.zeros_like(self.cov)
+        full[:, ys, xs] = alpha
+        return full
+
+
+def _resample(x: Tensor, s_from: int, s_to: int) -> Tensor:
+    """Move a ``(C, h, w)`` map between levels (area average down, bilinear up)."""
+    if s_to > s_from:
+        return F.avg_pool2d(x[None], s_to // s_from)[0]
+    if s_to < s_from:
+        return F.interpolate(x[None], scale_factor=s_from // s_to, mode="bilinear", align_corners=False)[0]
+    return x
+
+
+def _render_one(lin: Tensor, coc: Tensor, aperture: Aperture | None, step: Callable[[], None]) -> Tensor:
+    frame = _prepare(lin, coc)
     kernels = _Kernels(aperture, lin.dtype, lin.device)
     hp, wp = frame.beta.shape
-    full = _Canvas(hp, wp, lin.dtype, lin.device)
-    group: _Canvas | None = None
-    group_level = 1
-    for bin_ in bins:
-        if bin_.level != group_level:
+    num = lin.new_zeros(3, hp, wp)
+    cov = lin.new_zeros(1, hp, wp)
+    trans = lin.new_ones(1, hp, wp)
+    group: _Group | None = None
+
+    def merge(g: _Group) -> None:
+        nonlocal trans
+        up = _resample(torch.cat([g.num, g.cov, (1.0 - g.occ).clamp_(0.0, 1.0)]), g.s, 1)
+        num.addcmul_(trans, up[:3])
+        cov.addcmul_(trans, up[3:4])
+        trans = trans * up[4:5]
+
+    for index, lam in enumerate(frame.radii):
+        s = _level(abs(lam))
+        if group is None or s != group.s:
+            before = None
             if group is not None:
-                group.merge_into(full, group_level)
-            group_level = bin_.level
-            group = None
-            if group_level > 1:
-                group = _Canvas(hp // group_level, wp // group_level, lin.dtype, lin.device)
-        top_left, rgba = _bin_rgba(frame, bin_, kernels)
-        (group if group is not None else full).over(top_left, rgba)
-        steps()
+                merge(group)
+                last = group.last_alpha()
+                before = None if last is None else _resample(last, group.s, s)
+            group = _Group(s, before, (hp // s, wp // s), lin)
+        group.add(_layer_rgba(frame, index, s, kernels))
+        step()
     if group is not None:
-        group.merge_into(full, group_level)
-    cover = 1.0 - full.trans
-    out = torch.where(cover > 1e-6, full.colour / cover.clamp_min(1e-6), frame.lin)
+        merge(group)
+    out = torch.where(cov > 1e-6, num / cov.clamp_min(1e-6), frame.lin)
     return out[:, :frame.height, :frame.width]
 
 
@@ -471,7 +483,7 @@ def render_physical(
         gamma: light is ``image ** gamma`` while blurring.
         aperture: aperture shape, ``None`` = disc.
         highlight: restore clipped highlights with a smooth inverse tone curve.
-        on_step: ``on_step(i, total)`` after each bin (summed over the batch).
+        on_step: ``on_step(i, total)`` after each layer (counted over the whole batch).
 
     Returns:
         ``(B, 3, H, W)`` in [0, 1], dtype and device of ``image``.
@@ -483,10 +495,7 @@ def render_physical(
     lin = image.to(work).pow(gamma)
     if highlight:
         lin = _expand_highlights(lin)
-    total = 0
-    for i in range(image.shape[0]):
-        radii = _layer_radii(float(coc[i].amin()), float(coc[i].amax()))
-        total += len(radii) - 1  # upper bound; empty bins are reported when skipped
+    total = sum(len(_layer_radii(float(c.amin()), float(c.amax()))) for c in coc)
     done = 0
 
     def step() -> None:
@@ -497,11 +506,7 @@ def render_physical(
 
     outs = []
     for i in range(image.shape[0]):
-        before = done
         out = _render_one(lin[i], coc[i], aperture, step)
-        radii = _layer_radii(float(coc[i].amin()), float(coc[i].amax()))
-        while done - before < len(radii) - 1:  # report skipped (empty) bins too
-            step()
         if highlight:
             out = _compress_highlights(out)
         outs.append(out.clamp(0.0, None).pow(1.0 / gamma).clamp(0.0, 1.0))

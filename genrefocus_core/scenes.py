@@ -45,7 +45,7 @@ def demo_scene(
     t = (y / height).clamp(0, 1)
     img = torch.stack([0.05 + 0.05 * t, 0.07 + 0.08 * t, 0.18 + 0.12 * t])
     disp = torch.full((height, width), 0.02)
-    n_lights = max(8, (height * width) // 5000)
+    n_lights = max(8, (height * width) // 8000)
     ly = torch.rand(n_lights, generator=g) * horizon * 0.95
     lx = torch.rand(n_lights, generator=g) * width
     hue = torch.rand(n_lights, generator=g)
@@ -53,7 +53,7 @@ def demo_scene(
                            0.6 + 0.4 * torch.cos(6.28 * (hue - 0.66))], dim=1).clamp(0, 1)
     for i in range(n_lights):
         rr = (x - lx[i]) ** 2 + (y - ly[i]) ** 2
-        a = (1.5 - rr.sqrt()).clamp(0, 1)
+        a = (2.5 + 1.5 * hue[i] - rr.sqrt()).clamp(0, 1)  # lamps 2.5-4 px: bright bokeh balls
         img = img * (1 - a) + colours[i].view(3, 1, 1) * a
 
     # Ground plane: disparity grows linearly below the horizon (a plane seen by a pinhole camera).

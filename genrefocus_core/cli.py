@@ -1,7 +1,9 @@
-"""Command line: ``python -m genrefocus_core render|demo``.
+"""Command line: ``python -m genrefocus_core render|demo|deblur|bokeh|refocus``.
 
 ``render`` refocuses an all-in-focus image with a depth/disparity file; ``demo`` renders the
 built-in synthetic scene (no input files or weights needed) to show the classical renderer.
+``deblur``, ``bokeh`` and ``refocus`` run the generative Genfocus pipeline (FLUX + LoRAs, local
+files only; see :mod:`genrefocus_core.cli_generative`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .aperture import APERTURE_SHAPES, Aperture
+from .cli_generative import GENERATIVE_COMMANDS, add_generative_commands, run_generative
 from .errors import GenRefocusError
 
 __all__ = ["main"]
@@ -161,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--mode-all", action=argparse.BooleanOptionalAction, default=True,
                    help="render both modes (default) or only --mode")
     _add_render_options(d)
+    add_generative_commands(sub)
     return parser
 
 
@@ -170,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.command in GENERATIVE_COMMANDS:
+            return run_generative(args)
         return _render(args) if args.command == "render" else _demo(args)
     except GenRefocusError as e:
         logger.error("%s", e)

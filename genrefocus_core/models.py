@@ -2,6 +2,9 @@
 
 Local files only. The LoRAs stay resident together on one transformer under the adapter names
 below, and each condition stream picks its adapter (official-pipeline.md §6.2, fix #10 of §14).
+The VAE is read from a diffusers folder or from a single file such as ComfyUI's ``ae.safetensors``
+(original/BFL key layout, converted with diffusers' own key map; FLUX.1's configuration ships in
+``configs/flux1-dev-vae.json``).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import GenRefocusInputError
+from .errors import GenRefocusInputError, GenRefocusModelError
 from .genpipe import GenfocusModels
 from .sampler import FLUX_DEV_SHIFT, FlowShift
 
@@ -19,7 +22,9 @@ __all__ = [
     "ADAPTER_BOKEH",
     "ADAPTER_DEBLUR",
     "ADAPTER_PRE_DEBLUR",
+    "FLUX_VAE_CONFIG",
     "LORA_FILES",
+    "load_flux_vae",
     "load_genfocus_models",
 ]
 
@@ -36,6 +41,69 @@ LORA_FILES = {
     ADAPTER_PRE_DEBLUR: "deblurNet_with_pre_deblur.safetensors",
     ADAPTER_BOKEH: "bokehNet.safetensors",
 }
+
+#: The FLUX.1 VAE configuration (diffusers ``AutoencoderKL``), for single-file VAEs.
+FLUX_VAE_CONFIG: dict = json.loads((Path(__file__).parent / "configs" / "flux1-dev-vae.json").read_text())
+
+
+def load_flux_vae(
+    path: str | Path,
+    *,
+    config: dict | str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+):
+    """Load the FLUX VAE from a diffusers folder or a single ``.safetensors`` file.
+
+    Folders: a ``vae/`` folder (``config.json`` + weights) or a pipeline folder holding one. Single
+    files: the original (BFL / ComfyUI ``ae.safetensors``) key layout, converted with diffusers'
+    ``convert_ldm_vae_checkpoint``, or diffusers keys; loaded strictly.
+
+    Args:
+        path: folder or file.
+        config: for single files: a config dict or ``config.json`` path (default: FLUX.1's).
+        dtype: compute dtype.
+        device: where to put it.
+
+    Returns:
+        A diffusers ``AutoencoderKL`` in eval mode.
+
+    Raises:
+        GenRefocusModelError: missing/corrupt files or tensors that do not fit the config.
+    """
+    from .conditions import load_vae
+
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "config.json").is_file() and (p / "vae" / "config.json").is_file():
+            p = p / "vae"
+        return load_vae(p, device=device, dtype=dtype)
+    from diffusers import AutoencoderKL
+
+    from .loading import read_safetensors
+
+    sd = read_safetensors(p)
+    cfg = dict(FLUX_VAE_CONFIG if config is None else config if isinstance(config, dict) else
+               json.loads(Path(config).read_text()))
+    if not any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in sd):
+        from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+        sd = convert_ldm_vae_checkpoint(sd, cfg)
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+    expected = set(vae.state_dict())
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or unexpected:
+        raise GenRefocusModelError(
+            f"{p.name} is not a FLUX VAE: {len(missing)} missing tensor(s) "
+            f"({', '.join(missing[:3]) or '-'}), {len(unexpected)} unexpected "
+            f"({', '.join(unexpected[:3]) or '-'}); use FLUX.1's ae.safetensors"
+        )
+    try:
+        vae.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
+    except RuntimeError as e:
+        raise GenRefocusModelError(f"{p.name} does not fit the FLUX VAE: {str(e)[:400]}") from e
+    return vae.to(device=device, dtype=dtype).eval()
 
 
 def _scheduler_shift(transformer: Path) -> FlowShift:
@@ -59,13 +127,15 @@ def load_genfocus_models(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     transformer_config: dict | str | Path | None = None,
+    vae_config: dict | str | Path | None = None,
 ) -> GenfocusModels:
     """Load everything a Genfocus run needs, from local files only; LoRAs stay resident together.
 
     Args:
         transformer: FLUX.1-dev as a diffusers folder (or pipeline folder) or a single
             ``.safetensors`` file (BFL/ComfyUI layout, fp8 included).
-        vae: the FLUX VAE as a diffusers folder (``vae/`` or a pipeline folder holding it).
+        vae: the FLUX VAE: a diffusers folder (``vae/`` or a pipeline folder holding it) or a single
+            ``.safetensors`` file (e.g. ComfyUI's ``ae.safetensors``).
         prompts: the cached prompt embeddings (``.safetensors``, see :mod:`~genrefocus_core.prompts`).
         deblur_lora: ``deblurNet.safetensors`` → adapter :data:`ADAPTER_DEBLUR`.
         bokeh_lora: ``bokehNet.safetensors`` → adapter :data:`ADAPTER_BOKEH`.
@@ -73,6 +143,7 @@ def load_genfocus_models(
         dtype: compute dtype (official: bf16 on CUDA, float32 on the CPU).
         device: where to put the weights.
         transformer_config: config for single files that are not FLUX.1-dev sized.
+        vae_config: config for a single-file VAE that is not FLUX.1's.
 
     Returns:
         A :class:`~genrefocus_core.genpipe.GenfocusModels` (scheduler constants from a
@@ -81,7 +152,6 @@ def load_genfocus_models(
     Raises:
         GenRefocusModelError: missing or incompatible files (the message says what to put where).
     """
-    from .conditions import load_vae
     from .flux_lora import load_lora, load_transformer
     from .prompts import load_prompt_embeddings
 
@@ -95,10 +165,7 @@ def load_genfocus_models(
                           (bokeh_lora, ADAPTER_BOKEH)):
         if path is not None:
             load_lora(model, path, adapter)
-    vpath = Path(vae)
-    if vpath.is_dir() and not (vpath / "config.json").is_file() and (vpath / "vae" / "config.json").is_file():
-        vpath = vpath / "vae"
-    vae_model = load_vae(vpath, device=device, dtype=dtype)
+    vae_model = load_flux_vae(vae, config=vae_config, device=device, dtype=dtype)
     cfg = model.config
     embeds = load_prompt_embeddings(
         prompts,

@@ -4,7 +4,8 @@ from .aperture import ApertureShape
 from .defocus import DefocusMapNode, FocusFromMask, FocusPoint
 from .depth import DepthFromImage
 from .depth_models import EstimateDepth
-from .loaders import DepthModelLoader
+from .generative import BokehNet, DeblurNet, Refocus, TiledDenoise
+from .loaders import DepthModelLoader, GenfocusModelLoader
 from .render import ClassicalBokeh
 
 NODES = [
@@ -16,6 +17,11 @@ NODES = [
     DefocusMapNode,
     ApertureShape,
     ClassicalBokeh,
+    GenfocusModelLoader,
+    TiledDenoise,
+    DeblurNet,
+    BokehNet,
+    Refocus,
 ]
 
 __all__ = ["NODES"]

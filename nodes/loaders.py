@@ -3,10 +3,17 @@
 Depth models are ``transformers``-format folders under the ``depth`` model key (default
 ``models/depth/<name>/``; more folders via ``extra_model_paths.yaml``). The key is registered here
 if ComfyUI or another pack has not done so.
+
+The Genfocus weights (comfyui.md section 6): FLUX.1-dev from ``diffusion_models`` (also
+``models/unet``; single files, fp8 included) or a ``diffusers`` folder; the FLUX VAE from ``vae``
+(``ae.safetensors``) or a ``diffusers`` folder; the LoRAs from ``loras`` (e.g. ``loras/genfocus/``)
+or our own key ``genrefocus`` (``models/genrefocus/``), which also holds the cached prompt
+embeddings. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import folder_paths
@@ -15,11 +22,14 @@ from comfy_api.latest import io
 
 from ..genrefocus_core.depth_models import DEPTH_MODEL_FOLDER_HINT, load_depth_model
 from ..genrefocus_core.errors import GenRefocusInputError, GenRefocusModelError
+from ..genrefocus_core.models import load_genfocus_models
 from ._glue import check_combo
-from .sockets import DepthModel
+from .sockets import DepthModel, Pipe
 
 if "depth" not in folder_paths.folder_names_and_paths:
     folder_paths.add_model_folder_path("depth", os.path.join(folder_paths.models_dir, "depth"))
+if "genrefocus" not in folder_paths.folder_names_and_paths:
+    folder_paths.add_model_folder_path("genrefocus", os.path.join(folder_paths.models_dir, "genrefocus"))
 
 DEPTH_LOADER = "Load Depth Model"
 DTYPES = ("auto", "fp32", "fp16", "bf16")
@@ -110,3 +120,203 @@ class DepthModelLoader(io.ComfyNode):
         except GenRefocusModelError as e:
             raise GenRefocusModelError(f"[{DEPTH_LOADER}] {e}") from e
         return io.NodeOutput(model)
+
+
+# ------------------------------------------------------------------------------------------------
+# Genfocus models
+# ------------------------------------------------------------------------------------------------
+
+PIPE_LOADER = "Load Genfocus Models"
+GEN_DTYPES = ("auto", "bf16", "fp16", "fp32")
+NONE = "none"
+#: Prefix of combo entries that are diffusers folders rather than single files.
+DIFFUSERS_PREFIX = "diffusers/"
+_GENFOCUS_HF = "https://huggingface.co/nycu-cplab/Genfocus-Model"
+_MAX_FOLDER_DEPTH = 3
+
+# parameter -> (folder keys searched, official file name, where to put it)
+_LORA_DIRS = "models/loras/genfocus/ or models/genrefocus/"
+_SOURCES = {
+    "transformer": (("diffusion_models",), "flux1-dev.safetensors",
+                    "put FLUX.1-dev (flux1-dev.safetensors, or an fp8 version) in "
+                    "models/diffusion_models/, or its diffusers folder in models/diffusers/"),
+    "vae": (("vae",), "ae.safetensors",
+            "put FLUX.1's ae.safetensors in models/vae/, or use the vae/ of a diffusers folder in "
+            "models/diffusers/"),
+    "deblur_lora": (("loras", "genrefocus"), "deblurNet.safetensors",
+                    f"put deblurNet.safetensors ({_GENFOCUS_HF}) in {_LORA_DIRS}"),
+    "bokeh_lora": (("loras", "genrefocus"), "bokehNet.safetensors",
+                   f"put bokehNet.safetensors ({_GENFOCUS_HF}) in {_LORA_DIRS}"),
+    "pre_deblur_lora": (("loras", "genrefocus"), "deblurNet_with_pre_deblur.safetensors",
+                        f"put deblurNet_with_pre_deblur.safetensors ({_GENFOCUS_HF}) in {_LORA_DIRS}, or "
+                        "choose none"),
+    "prompts": (("genrefocus",), "genfocus_prompts.safetensors",
+                "put the GenRefocus prompt-embedding file genfocus_prompts.safetensors in "
+                "models/genrefocus/"),
+}
+
+
+def _safetensors_files(key: str) -> list[str]:
+    if key not in folder_paths.folder_names_and_paths:
+        return []
+    names = folder_paths.get_filename_list(key)
+    return [n.replace(os.sep, "/") for n in names if n.lower().endswith(".safetensors")]
+
+
+def _config_class(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def diffusers_folders(component: str) -> list[str]:
+    """``diffusers/<name>`` for every ``diffusers`` folder holding a FLUX ``transformer`` or ``vae``.
+
+    A folder counts if it is a pipeline folder with ``<component>/config.json`` or is itself that
+    component (``config.json`` naming ``FluxTransformer2DModel`` / ``AutoencoderKL``).
+    """
+    cls_name = {"transformer": "FluxTransformer2DModel", "vae": "AutoencoderKL"}[component]
+    found: set[str] = set()
+    known = "diffusers" in folder_paths.folder_names_and_paths
+    roots = folder_paths.get_folder_paths("diffusers") if known else []
+    for root in roots:
+        if not os.path.isdir(root):
+            continue
+        for dirpath, dirnames, _files in os.walk(root, followlinks=True):
+            rel = os.path.relpath(dirpath, root)
+            level = 0 if rel == "." else rel.count(os.sep) + 1
+            dirnames[:] = [] if level >= _MAX_FOLDER_DEPTH else [d for d in dirnames if not d.startswith(".")]
+            if not level:
+                continue
+            if os.path.isfile(os.path.join(dirpath, component, "config.json")) or (
+                _config_class(os.path.join(dirpath, "config.json")) == cls_name
+            ):
+                found.add(DIFFUSERS_PREFIX + rel.replace(os.sep, "/"))
+    return sorted(found)
+
+
+def genfocus_options(param: str) -> list[str]:
+    """Combo entries of a Load Genfocus Models input: single files (+ diffusers folders, + none)."""
+    keys = _SOURCES[param][0]
+    files = sorted({n for key in keys for n in _safetensors_files(key)})
+    if param in ("transformer", "vae"):
+        files += diffusers_folders(param)
+    if param == "pre_deblur_lora":
+        files = [NONE, *files]
+    return files
+
+
+def _default(param: str, options: list[str]) -> str | None:
+    wanted = _SOURCES[param][1]
+    if param == "pre_deblur_lora":
+        return NONE
+    for name in options:
+        if name.rsplit("/", 1)[-1] == wanted:
+            return name
+    return options[0] if options else None
+
+
+def _genfocus_path(param: str, name: str) -> str | None:
+    """The file or folder for a combo value; checked against the current listing."""
+    keys, _, hint = _SOURCES[param]
+    options = genfocus_options(param)
+    if name not in options:
+        listed = ", ".join(o for o in options[:8] if o != NONE) or "none found"
+        more = f" (+{len(options) - 8} more)" if len(options) > 8 else ""
+        raise GenRefocusInputError(
+            f"[{PIPE_LOADER}] {param} must be one of the files found ({listed}{more}), got {name!r}; {hint}"
+        )
+    if name == NONE:
+        return None
+    if name.startswith(DIFFUSERS_PREFIX):
+        rel = name[len(DIFFUSERS_PREFIX):].split("/")
+        for root in folder_paths.get_folder_paths("diffusers"):
+            if os.path.isdir(os.path.join(root, *rel)):
+                return os.path.join(root, *rel)
+    for key in keys:
+        path = folder_paths.get_full_path(key, name)
+        if path is not None:
+            return path
+    raise GenRefocusInputError(f"[{PIPE_LOADER}] {param} {name!r} disappeared while loading; {hint}")
+
+
+def _genfocus_dtype(dtype: str) -> torch.dtype:
+    """``auto``: bf16 on CUDA (the official GPU dtype), else fp32 (the official CPU dtype)."""
+    if dtype != "auto":
+        return _TORCH_DTYPES[dtype]
+    import comfy.model_management as mm
+
+    return torch.bfloat16 if mm.get_torch_device().type == "cuda" else torch.float32
+
+
+def _file_bytes(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs
+               if f.endswith(".safetensors"))
+
+
+class GenfocusModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        def combo(param: str, tooltip: str) -> io.Combo.Input:
+            options = genfocus_options(param)
+            return io.Combo.Input(param, options=options, default=_default(param, options), tooltip=tooltip)
+
+        return io.Schema(
+            node_id="GenRefocus_ModelLoader",
+            display_name=PIPE_LOADER,
+            category="GenRefocus/loaders",
+            description=(
+                "Load FLUX.1-dev, its VAE, the Genfocus LoRAs (DeblurNet, BokehNet and optionally the "
+                "pre-deblur DeblurNet, all resident at once) and the cached prompt embeddings (no T5/CLIP "
+                "needed) for the Genfocus nodes. Local files only: models/diffusion_models (or unet), "
+                "models/vae, models/loras/genfocus or models/genrefocus, models/diffusers folders."
+            ),
+            inputs=[
+                combo("transformer", "FLUX.1-dev: a single file (bf16/fp16/fp8, BFL or ComfyUI layout) from "
+                      "models/diffusion_models, or a diffusers folder from models/diffusers."),
+                combo("vae", "FLUX VAE: ae.safetensors from models/vae, or a diffusers folder's vae/."),
+                combo("deblur_lora", f"deblurNet.safetensors ({_GENFOCUS_HF})."),
+                combo("bokeh_lora", f"bokehNet.safetensors ({_GENFOCUS_HF})."),
+                combo("pre_deblur_lora", "deblurNet_with_pre_deblur.safetensors, for DeblurNet with a "
+                      "pre-deblurred image; none to save memory."),
+                combo("prompts", "Cached embeddings of the two fixed Genfocus prompts "
+                      "(genfocus_prompts.safetensors in models/genrefocus)."),
+                io.Combo.Input("dtype", options=list(GEN_DTYPES), default="auto",
+                               tooltip="Compute precision; auto = bf16 on CUDA (as the official code), "
+                               "fp32 on the CPU."),
+                io.Boolean.Input("keep_loaded", default=False,
+                                 tooltip="Keep the weights on the GPU between runs (faster refocus "
+                                 "edits). Off: they go back to the CPU after each node, freeing VRAM."),
+            ],
+            outputs=[Pipe.Output(display_name="pipe")],
+        )
+
+    @classmethod
+    def execute(cls, transformer: str, vae: str, deblur_lora: str, bokeh_lora: str, pre_deblur_lora: str,
+                prompts: str, dtype: str, keep_loaded: bool) -> io.NodeOutput:
+        import comfy.model_management as mm
+
+        from .generative import GenerativePipe
+
+        check_combo(PIPE_LOADER, "dtype", dtype, GEN_DTYPES)
+        names = dict(transformer=transformer, vae=vae, deblur_lora=deblur_lora, bokeh_lora=bokeh_lora,
+                     pre_deblur_lora=pre_deblur_lora, prompts=prompts)
+        paths = {param: _genfocus_path(param, name) for param, name in names.items()}
+        torch_dtype = _genfocus_dtype(dtype)
+        device = mm.get_torch_device() if keep_loaded else mm.unet_offload_device()
+        if device != mm.unet_offload_device():  # make room first: ComfyUI's resident models go
+            size = sum(_file_bytes(p) for p in paths.values() if p is not None)
+            mm.free_memory(int(size * max(1.0, torch_dtype.itemsize / 2)), device)
+        try:
+            models = load_genfocus_models(
+                paths["transformer"], paths["vae"], paths["prompts"], deblur_lora=paths["deblur_lora"],
+                bokeh_lora=paths["bokeh_lora"], pre_deblur_lora=paths["pre_deblur_lora"], dtype=torch_dtype,
+                device=device,
+            )
+        except (GenRefocusModelError, GenRefocusInputError) as e:
+            raise type(e)(f"[{PIPE_LOADER}] {e}") from e
+        return io.NodeOutput(GenerativePipe(models, keep_loaded=keep_loaded, files=names))

@@ -23,6 +23,11 @@ EXPECTED_IDS = {
     "GenRefocus_DefocusMap",
     "GenRefocus_Aperture",
     "GenRefocus_ClassicalBokeh",
+    "GenRefocus_ModelLoader",
+    "GenRefocus_TiledDenoise",
+    "GenRefocus_DeblurNet",
+    "GenRefocus_BokehNet",
+    "GenRefocus_Refocus",
 }
 
 

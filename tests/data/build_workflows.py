@@ -121,6 +121,118 @@ Inputs:
 Model files: none."""
 
 
+GENFOCUS_MODEL_FILES = """Model files (local only; nothing is downloaded):
+- models/diffusion_models/flux1-dev.safetensors: FLUX.1-dev (black-forest-labs/FLUX.1-dev; an fp8
+  single file works too). Or its diffusers folder in models/diffusers/FLUX.1-dev/.
+- models/vae/ae.safetensors: the FLUX.1 VAE (or the vae/ of the diffusers folder).
+- models/loras/genfocus/deblurNet.safetensors and models/loras/genfocus/bokehNet.safetensors:
+  the Genfocus LoRAs from huggingface.co/nycu-cplab/Genfocus-Model (models/genrefocus/ works too).
+- optional: models/loras/genfocus/deblurNet_with_pre_deblur.safetensors (DeblurNet with a
+  pre-deblurred image); leave pre_deblur_lora at none otherwise.
+- models/genrefocus/genfocus_prompts.safetensors: GenRefocus' cached embeddings of the two fixed
+  Genfocus prompts (no T5/CLIP needed at run time)."""
+
+REFOCUS_NOTE = """GenRefocus - Genfocus refocus (DeblurNet + depth + BokehNet, FLUX.1-dev)
+
+Inputs:
+1. Load Image: any photo, blurry or sharp.
+2. Focus Point: x, y as fractions of the width and height (0.5, 0.5 = centre). Or use
+   'Focus from Mask' with a mask of the subject.
+3. Refocus (Genfocus): k = blur strength (Genfocus' 0-50 slider, 20 = demo default; 0 = only
+   deblur). steps 28 = official. long_side resizes large photos first (0 = keep). restore_size
+   returns the input size. Outputs: refocused image, all-in-focus image, conditioning map.
+4. Load Depth Model runs Depth Pro on the all-in-focus image (or wire a depth map into 'depth').
+About 24 GB of weights: a 24 GB GPU (keep_loaded for fast edits) or patience on the CPU.
+""" + GENFOCUS_MODEL_FILES + """
+- models/depth/DepthPro/: Depth Pro in transformers format (apple/DepthPro-hf: config.json,
+  model.safetensors, preprocessor_config.json)."""
+
+DEBLUR_NOTE = """GenRefocus - Genfocus DeblurNet (all-in-focus from a blurry photo, FLUX.1-dev)
+
+Inputs:
+1. Load Image: a photo with defocus blur.
+2. DeblurNet (Genfocus): steps 28 = official; noise 'reference' reproduces the official images,
+   'seeded' uses the seed. long_side resizes large photos first (0 = keep); restore_size returns
+   the input size. Optional: wire a pre-deblurred image into pre_deblurred (needs the pre-deblur
+   LoRA in the loader).
+3. Tiled Denoise Settings: large images are denoised in 512 px tiles (official); change the tile
+   size, overlap or tiles per batch here, or delete the node for the defaults.
+""" + GENFOCUS_MODEL_FILES
+
+_LOADER_WIDGETS = {
+    "transformer": "flux1-dev.safetensors",
+    "vae": "ae.safetensors",
+    "deblur_lora": "genfocus/deblurNet.safetensors",
+    "bokeh_lora": "genfocus/bokehNet.safetensors",
+    "pre_deblur_lora": "none",
+    "prompts": "genfocus_prompts.safetensors",
+    "dtype": "auto",
+    "keep_loaded": False,
+}
+_SAMPLER_WIDGETS = {"steps": 28, "seed": 0, "noise": "reference", "long_side": 0, "restore_size": True}
+
+
+def build_refocus() -> None:
+    build(
+        "refocus",
+        [
+            {"id": 1, "type": "LoadImage", "title": "Load Image (photo)", "pos": [40, 60], "size": [300, 320],
+             "widgets": {"image": "demo_input.png", "upload": "image"}},
+            {"id": 2, "type": "GenRefocus_ModelLoader", "pos": [40, 420], "size": [340, 260],
+             "widgets": dict(_LOADER_WIDGETS)},
+            {"id": 3, "type": "GenRefocus_DepthModelLoader", "pos": [40, 720], "size": [340, 100],
+             "widgets": {"model_name": "DepthPro", "dtype": "auto"}},
+            {"id": 4, "type": "GenRefocus_FocusPoint", "pos": [420, 720], "size": [300, 100],
+             "widgets": {"x": 0.5, "y": 0.62}},
+            {"id": 5, "type": "GenRefocus_Refocus", "pos": [760, 300], "size": [320, 340],
+             "widgets": {"k": 20.0, **_SAMPLER_WIDGETS}},
+            {"id": 6, "type": "SaveImage", "pos": [1120, 60], "size": [420, 360],
+             "widgets": {"filename_prefix": "genrefocus/refocus"}},
+            {"id": 7, "type": "PreviewImage", "title": "All in focus", "pos": [1120, 460], "size": [300, 260],
+             "widgets": {}},
+            {"id": 8, "type": "PreviewImage", "title": "Conditioning map", "pos": [1440, 460],
+             "size": [300, 260], "widgets": {}},
+            {"id": 9, "type": "Note", "title": "Read me", "pos": [420, 20], "size": [640, 480],
+             "widgets": {"text": REFOCUS_NOTE}},
+        ],
+        [
+            (2, 0, 5, "pipe"),
+            (1, 0, 5, "image"),
+            (3, 0, 5, "depth_model"),
+            (4, 0, 5, "focus"),
+            (5, 0, 6, "images"),
+            (5, 1, 7, "images"),
+            (5, 2, 8, "images"),
+        ],
+    )
+
+
+def build_deblur() -> None:
+    build(
+        "deblur",
+        [
+            {"id": 1, "type": "LoadImage", "title": "Load Image (blurry photo)", "pos": [40, 60],
+             "size": [300, 320], "widgets": {"image": "demo_input.png", "upload": "image"}},
+            {"id": 2, "type": "GenRefocus_ModelLoader", "pos": [40, 420], "size": [340, 260],
+             "widgets": dict(_LOADER_WIDGETS)},
+            {"id": 3, "type": "GenRefocus_TiledDenoise", "pos": [420, 560], "size": [300, 160],
+             "widgets": {"tiling": "auto", "tile_size": 512, "tile_overlap": 0.125, "tile_batch": 4}},
+            {"id": 4, "type": "GenRefocus_DeblurNet", "pos": [760, 300], "size": [320, 280],
+             "widgets": dict(_SAMPLER_WIDGETS)},
+            {"id": 5, "type": "SaveImage", "pos": [1120, 60], "size": [420, 360],
+             "widgets": {"filename_prefix": "genrefocus/deblur"}},
+            {"id": 6, "type": "Note", "title": "Read me", "pos": [420, 20], "size": [640, 500],
+             "widgets": {"text": DEBLUR_NOTE}},
+        ],
+        [
+            (2, 0, 4, "pipe"),
+            (1, 0, 4, "image"),
+            (3, 0, 4, "tiling"),
+            (4, 0, 5, "images"),
+        ],
+    )
+
+
 def main() -> None:
     build(
         "classical_refocus",
@@ -217,6 +329,9 @@ def main() -> None:
             (5, 1, 9, "images"),
         ],
     )
+
+    build_refocus()
+    build_deblur()
 
 
 if __name__ == "__main__":

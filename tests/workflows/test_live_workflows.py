@@ -2,6 +2,12 @@
 
 Needs COMFYUI_PATH (a ComfyUI checkout) and COMFYUI_PYTHON (its interpreter), and the marker:
 ``COMFYUI_PATH=... COMFYUI_PYTHON=... python -m pytest tests/workflows -m comfy``.
+
+The generative workflows name the real model files users have (flux1-dev.safetensors, ...). For
+the live run, the tiny FLUX of ``../shared/fixtures/genfocus-parity`` is placed in the server's
+models folders (LoRAs and prompt embeddings under the workflows' file names, the transformer and
+VAE as a diffusers folder, a tiny Depth Anything as the depth model) and the API twin's file-name
+inputs are pointed at them before submitting; those workflows are skipped without the fixture.
 """
 
 from __future__ import annotations
@@ -26,6 +32,48 @@ from _live_comfy import LiveComfy, PromptRejected  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 SCHEMAS = json.loads((REPO / "tests" / "data" / "schemas.json").read_text())
 TWINS = sorted((REPO / "tests" / "data").glob("*.api.json"))
+FIXTURE = REPO.parent / "shared" / "fixtures" / "genfocus-parity"
+GENERATIVE = {"GenRefocus_ModelLoader", "GenRefocus_DeblurNet", "GenRefocus_BokehNet", "GenRefocus_Refocus"}
+TINY_FLUX = "diffusers/tiny-flux"
+TINY_DEPTH = "TinyDepthAnything"
+
+
+def _place_tiny_models(models: Path) -> None:
+    """The fixture FLUX, LoRAs and prompts under the workflows' names, and a tiny depth model."""
+    (models / "diffusers").mkdir(parents=True, exist_ok=True)
+    os.symlink(FIXTURE / "model", models / "diffusers" / "tiny-flux", target_is_directory=True)
+    (models / "loras" / "genfocus").mkdir(parents=True, exist_ok=True)
+    for name in ("deblurNet", "bokehNet", "deblurNet_with_pre_deblur"):
+        target = models / "loras" / "genfocus" / f"{name}.safetensors"
+        os.symlink(FIXTURE / "lora" / f"{name}.safetensors", target)
+    (models / "genrefocus").mkdir(parents=True, exist_ok=True)
+    os.symlink(FIXTURE / "inputs" / "prompt_embeds.safetensors",
+               models / "genrefocus" / "genfocus_prompts.safetensors")
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    backbone = dict(model_type="dinov2", image_size=28, patch_size=14, hidden_size=16, num_hidden_layers=4,
+                    num_attention_heads=2, intermediate_size=32, out_indices=[1, 2, 3, 4],
+                    reshape_hidden_states=False)
+    cfg = transformers.DepthAnythingConfig(backbone_config=backbone, patch_size=14, reassemble_hidden_size=16,
+                                           neck_hidden_sizes=[8, 8, 16, 16], fusion_hidden_size=16,
+                                           head_hidden_size=8)
+    transformers.DepthAnythingForDepthEstimation(cfg).eval().save_pretrained(models / "depth" / TINY_DEPTH)
+
+
+def _use_tiny_models(graph: dict) -> dict:
+    """Point the API twin's model inputs at the tiny files; fewer steps keep the run short."""
+    graph = copy.deepcopy(graph)
+    for node in graph.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "GenRefocus_ModelLoader":
+            inputs["transformer"] = inputs["vae"] = TINY_FLUX
+        elif node["class_type"] == "GenRefocus_DepthModelLoader":
+            inputs["model_name"] = TINY_DEPTH
+        if node["class_type"] in GENERATIVE and "steps" in inputs:
+            inputs["steps"] = 4
+    return graph
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +86,8 @@ def live():
         image, disparity, _ = demo_scene(200, 320)
         save_image(server.input_dir / "demo_input.png", image)
         save_image(server.input_dir / "demo_disparity.png", disparity_preview(disparity))
+        if (FIXTURE / "model").is_dir():
+            _place_tiny_models(server.models_dir)
         yield server
 
 
@@ -61,6 +111,10 @@ def test_our_nodes_are_registered_with_their_schemas(live):
 @pytest.mark.parametrize("twin", TWINS, ids=lambda p: p.name)
 def test_workflow_runs_end_to_end(live, twin):
     graph = json.loads(twin.read_text())
+    if any(n["class_type"] in GENERATIVE for n in graph.values()):
+        if not (FIXTURE / "model").is_dir():
+            pytest.skip("generative workflows need ../shared/fixtures/genfocus-parity (the tiny FLUX)")
+        graph = _use_tiny_models(graph)
     entry = live.run(graph, timeout=600)
     assert entry["status"]["status_str"] == "success", entry["status"]
     saved = [
@@ -93,3 +147,29 @@ def test_out_of_range_widget_is_rejected_by_the_server(live):
         live.submit(graph)
     assert exc.value.error_type == "prompt_outputs_failed_validation"
     assert node_id in exc.value.node_errors
+
+
+def test_missing_model_file_is_reported_with_its_folder(live):
+    if not (FIXTURE / "model").is_dir():
+        pytest.skip("needs ../shared/fixtures/genfocus-parity")
+    graph = json.loads((REPO / "tests" / "data" / "deblur.api.json").read_text())
+    entry = live.run(graph)  # names flux1-dev.safetensors, which this server does not have
+    assert entry["status"]["status_str"] == "error"
+    errors = live.status_messages(entry, "execution_error")
+    assert errors and errors[0]["node_type"] == "GenRefocus_ModelLoader"
+    msg = errors[0]["exception_message"]
+    assert msg.startswith("[Load Genfocus Models] transformer must be one of the files found")
+    assert "'flux1-dev.safetensors'" in msg and "models/diffusion_models/" in msg
+
+
+def test_refocus_previews_reach_the_client(live):
+    if not (FIXTURE / "model").is_dir():
+        pytest.skip("needs ../shared/fixtures/genfocus-parity")
+    graph = _use_tiny_models(json.loads((REPO / "tests" / "data" / "refocus.api.json").read_text()))
+    entry = live.run(graph, timeout=600)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    previews = [k for k, v in graph.items() if v["class_type"] == "PreviewImage"]
+    assert len(previews) == 2  # all-in-focus image and conditioning map
+    for node_id in previews:
+        images = entry["outputs"][node_id]["images"]
+        assert images and images[0]["type"] == "temp"

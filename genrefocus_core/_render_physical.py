@@ -59,10 +59,10 @@ __all__ = ["render_physical"]
 logger = logging.getLogger(__name__)
 
 #: Radii (px) of the first layers after 0; geometric growth by :data:`_RATIO` after the last one.
-_FINE = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
+_FINE = (0.5, 1.0, 2.0)
 _RATIO = 1.3
 #: Bins whose smaller radius is at least ``2 * _R0`` px are blurred at reduced resolution.
-_R0 = 6.0
+_R0 = 4.0
 #: Highlight curve: identity up to _KNEE (linear light), cubic above, 1.0 -> _PEAK.
 _KNEE = 0.9
 _PEAK = 8.0
@@ -123,15 +123,8 @@ def _level(r_small: float) -> int:
 
 
 def _nice(n: int) -> int:
-    """Smallest 2^a 3^b 5^c >= n (fast FFT sizes)."""
-    while True:
-        m = n
-        for p in (2, 3, 5):
-            while m % p == 0:
-                m //= p
-        if m == 1:
-            return n
-        n += 1
+    """A fast real-FFT length >= ``n``: ``m * 2^k`` with ``m`` in 1, 3, 5, 7, 9 (odd lengths are slow)."""
+    return min(m << max(0, math.ceil(math.log2(n / m))) for m in (1, 3, 5, 7, 9))
 
 
 class _Kernels:
@@ -180,8 +173,18 @@ class _Kernels:
 def _convolve(x: Tensor, lam: float, s: int, kernels: _Kernels, margin: int) -> Tensor:
     """Linear convolution of ``x`` ``(C, h, w)`` with ``K(lam)`` at level ``s``, grown by ``margin``."""
     h, w = x.shape[-2:]
-    if kernels.half(lam, s) == 0:
-        return F.pad(x, (margin, margin, margin, margin))
+    half = kernels.half(lam, s)
+    if half <= 1:
+        out = F.pad(x, (margin, margin, margin, margin)) if half == 0 else None
+        if out is None:  # 3x3: nine shifted multiply-adds beat an FFT
+            k = kernels.kernel(lam, s).tolist()
+            out = x.new_zeros(x.shape[0], h + 2 * margin, w + 2 * margin)
+            o = margin - 1
+            for i in range(3):
+                for j in range(3):
+                    if k[i][j] != 0.0:
+                        out[:, o + i:o + i + h, o + j:o + j + w].add_(x, alpha=k[i][j])
+        return out
     oh, ow = h + 2 * margin, w + 2 * margin
     fh, fw = _nice(oh), _nice(ow)
     buf = torch.zeros(x.shape[0], fh, fw, dtype=x.dtype, device=x.device)
@@ -196,26 +199,32 @@ def _convolve(x: Tensor, lam: float, s: int, kernels: _Kernels, margin: int) -> 
 # ----------------------------------------------------------------------------------------------
 
 
-def _pull_push(p: Tensor) -> Tensor:
-    """Extrapolate premultiplied fields everywhere (pull-push).
+def _halve(x: Tensor) -> Tensor:
+    """2x2 box average of ``(C, h, w)``; odd sizes are padded with zeros (empty cells)."""
+    h, w = x.shape[-2:]
+    if h % 2 or w % 2:
+        x = F.pad(x, (0, w % 2, 0, h % 2))
+    return (x[:, 0::2, 0::2] + x[:, 1::2, 0::2] + x[:, 0::2, 1::2] + x[:, 1::2, 1::2]).mul_(0.25)
 
-    ``p``: ``(C, h, w)`` = premultiplied RGB, its alpha, then pairs (premultiplied value, weight)
-    with weights <= 1. Returns ``(3 + (C - 4) // 2, h, w)``: RGB and the pairs' values, each
-    un-premultiplied where known and filled from coarser levels elsewhere.
+
+def _pull_push(value: Tensor, weight: Tensor) -> Tensor:
+    """Extrapolate ``value / weight`` everywhere (pull-push).
+
+    ``value``: ``(C, h, w)`` premultiplied by ``weight`` (``(1, h, w)`` or ``(C, h, w)``, in [0, 1]).
+    Known cells keep their value; unknown ones take the weighted average of ever coarser
+    neighbourhoods, blended in with bilinear weights.
     """
-    vals = torch.cat([p[0:3], p[4::2]])
-    wts = torch.cat([p[3:4].expand(3, -1, -1), p[5::2]])
-    levels = [(vals, wts)]
-    while max(levels[-1][0].shape[-2:]) > 1 and float(levels[-1][1].amin()) <= 0.0:
-        v, w = levels[-1]
-        vw = F.avg_pool2d(torch.cat([v, w])[None], 2, ceil_mode=True)[0]
-        levels.append((vw[:v.shape[0]], vw[v.shape[0]:]))
-    v, w = levels[-1]
-    mean = v.sum(dim=(1, 2), keepdim=True) / w.sum(dim=(1, 2), keepdim=True).clamp_min(1e-12)
-    val = torch.where(w > 0, v / w.clamp_min(1e-12), mean)
-    for v, w in reversed(levels[:-1]):
-        up = F.interpolate(val[None], scale_factor=2, mode="bilinear", align_corners=False)[0]
-        val = v + (1.0 - w.clamp(0.0, 1.0)) * up[:, :v.shape[1], :v.shape[2]]
+    levels = []
+    while max(value.shape[-2:]) > 1 and float(weight.amin()) <= 0.0:
+        levels.append((value, weight))
+        value, weight = _halve(value), _halve(weight)
+    total = weight.sum(dim=(1, 2), keepdim=True)
+    mean = value.sum(dim=(1, 2), keepdim=True) / total.clamp_min(1e-12)
+    val = torch.where(weight > 0, value / weight.clamp_min(1e-12), mean)
+    for value, weight in reversed(levels):
+        h, w = value.shape[-2:]
+        up = F.interpolate(val[None], scale_factor=2, mode="bilinear", align_corners=False)[0, :, :h, :w]
+        val = up.mul_(1.0 - weight.clamp(0.0, 1.0)).add_(value)
     return val
 
 
@@ -247,7 +256,8 @@ class _Frame:
 
     lin: Tensor  # (3, H, W) linear (expanded) colour
     beta: Tensor  # (H, W) int64: the pixel lies between layers beta and beta + 1; huge in the padding
-    t: Tensor  # (H, W) share of the pixel in layer beta (the nearer one); 1 - t goes to beta + 1
+    t: Tensor  # (H, W) share of the pixel in layer beta (the nearer one)
+    u: Tensor  # (H, W) 1 - t, its share in layer beta + 1
     radii: list[float]  # signed layer radii, descending
     boxes: list[tuple[int, int, int, int] | None]  # per bin: bounding box (y0, y1, x0, x1) or None
     c_max: float
@@ -288,14 +298,45 @@ def _prepare(lin: Tensor, coc: Tensor) -> _Frame:
     t = ((coc - lower) / (upper - lower)).clamp_(0.0, 1.0)
     beta = nb - i  # bin index in descending order: between radii[beta] and radii[beta + 1]
     boxes = _bin_boxes(beta, nb)
-    smax = max(_level(abs(r)) for r in radii)
+    grid = max(_level(abs(r)) for r in radii)
     h, w = coc.shape
-    hp, wp = -(-h // smax) * smax, -(-w // smax) * smax
+    hp, wp = -(-h // grid) * grid, -(-w // grid) * grid
     if (hp, wp) != (h, w):
         lin = F.pad(lin, (0, wp - w, 0, hp - h))
         t = F.pad(t, (0, wp - w, 0, hp - h))
-        beta = F.pad(beta, (0, wp - w, 0, hp - h), value=len(radii) + 2)
-    return _Frame(lin, beta, t, radii, boxes, max(c_max, 0.0), h, w)
+        beta = F.pad(beta, (0, wp - w, 0, hp - h), value=nb + 2)
+    beta = beta.to(torch.int16)  # comparisons stream less memory
+    u = 1.0 - t
+    return _Frame(lin, beta, t, u, radii, boxes, max(c_max, 0.0), h, w)
+
+
+def _downsample(x: Tensor, s: int) -> Tensor:
+    """Area average by ``s`` (a power of two dividing the size) of ``(C, h, w)``."""
+    while s > 1:
+        x = (x[:, 0::2, 0::2] + x[:, 1::2, 0::2] + x[:, 0::2, 1::2] + x[:, 1::2, 1::2]).mul_(0.25)
+        s //= 2
+    return x
+
+
+def _upsample(x: Tensor, s: int, shape: tuple[int, int]) -> Tensor:
+    """Bilinear ``x s`` upsampling of ``(C, h, w)``, cropped to ``shape``."""
+    if s == 1:
+        return x
+    up = F.interpolate(x[None], scale_factor=s, mode="bilinear", align_corners=False)[0]
+    return up[:, :shape[0], :shape[1]]
+
+
+def _fill_fields(x: Tensor, occ: Tensor, reach: float) -> Tensor:
+    """Hidden-surface fields ``(4, h, w)``: extrapolated colour, and the share times the reach mask.
+
+    ``x``: the layer's own premultiplied RGBA; ``occ``: fraction covered by its occluders. Behind
+    occluders the layer continues with its own colours extrapolated (pull-push) and with the share
+    of the hidden surface it had among the nearby non-occluding pixels (1 behind a depth step, 0
+    behind a continuous depth ramp), up to ``reach`` cells from its own pixels.
+    """
+    colour = _pull_push(x[:3], x[3:4])
+    share = _pull_push(x[3:4], 1.0 - occ).clamp_(0.0, 1.0).mul_(_dilate(x[3] > 0, reach))
+    return torch.cat([colour, share])
 
 
 def _layer_rgba(frame: _Frame, index: int, s: int,
@@ -324,39 +365,30 @@ def _layer_rgba(frame: _Frame, index: int, s: int,
     wy0, wx0 = max(0, y0 - m) // s * s, max(0, x0 - m) // s * s
     wy1, wx1 = min(hp, -(-(y1 + m) // s) * s), min(wp, -(-(x1 + m) // s) * s)
     beta = frame.beta[wy0:wy1, wx0:wx1]
-    t = frame.t[wy0:wy1, wx0:wx1]
     lin = frame.lin[:, wy0:wy1, wx0:wx1]
+    t = frame.t[wy0:wy1, wx0:wx1]
 
-    share = torch.where(beta == index, t, 0.0) + torch.where(beta == index - 1, 1.0 - t, 0.0)
-    chans = [lin * share, share[None]]
+    x = lin.new_empty(5 if occluded else 4, wy1 - wy0, wx1 - wx0)
+    share = torch.where(beta == index, t, torch.where(beta == index - 1, frame.u[wy0:wy1, wx0:wx1], 0.0))
+    torch.mul(lin, share, out=x[:3])
+    x[3] = share
     if occluded:
-        # occlusion weight: the pixel's part in a layer at least two layers nearer
-        occ = torch.where(beta <= index - 2, t, 0.0) + torch.where(beta <= index - 3, 1.0 - t, 0.0)
-        chans.append(occ[None])
-    x = torch.cat(chans)
-    if s > 1:
-        x = F.avg_pool2d(x[None], s)[0]
-    if occluded and float(x[4].amax()) > 0.0:
+        # occlusion weight: the pixel's part in layers at least two layers nearer than this one
+        x[4] = torch.where(beta <= index - 3, 1.0, torch.where(beta == index - 2, t, 0.0))
+    x = _downsample(x, s)
+    if occluded:
         occ = x[4:5]
         x = x[:4]
-        ext = _dilate(x[3] > 0, reach / s).to(x.dtype)
-        # fill: the layer's colour extrapolated; share: how much of the hidden surface is this layer
-        src = torch.cat([x, x[3:4], 1.0 - occ])
-        if s == 1 and min(src.shape[-2:]) > 2:
-            fill = _pull_push(F.avg_pool2d(src[None], 2, ceil_mode=True)[0])
-            fill = F.interpolate(fill[None], scale_factor=2, mode="bilinear", align_corners=False)[0]
-            fill = fill[:, :src.shape[1], :src.shape[2]]
-        else:
-            fill = _pull_push(src)
-        hidden = occ * ext * fill[3:4].clamp(0.0, 1.0)
-        x = x + torch.cat([fill[:3] * hidden, hidden])
-    else:
-        x = x[:4]
+        if float(occ.amax()) > 0.0:
+            fields = _fill_fields(x, occ, reach / s)
+            hidden = occ * fields[3:4]
+            x[:3].addcmul_(fields[:3], hidden)
+            x[3:4] += hidden
     alpha_any = x[3] > 0
     ys = torch.nonzero(alpha_any.any(dim=1)).flatten()
-    xs = torch.nonzero(alpha_any.any(dim=0)).flatten()
     if len(ys) == 0:
         return None
+    xs = torch.nonzero(alpha_any.any(dim=0)).flatten()
     cy0, cy1 = int(ys[0]), int(ys[-1]) + 1
     cx0, cx1 = int(xs[0]), int(xs[-1]) + 1
     margin = kernels.half(lam, s)
@@ -364,100 +396,41 @@ def _layer_rgba(frame: _Frame, index: int, s: int,
     return (wy0 // s + cy0 - margin, wx0 // s + cx0 - margin), rgba
 
 
-def _clip(top_left: tuple[int, int], rgba: Tensor, hh: int, ww: int):
-    """Window of ``rgba`` placed at ``top_left`` inside an ``hh x ww`` canvas (None if outside)."""
-    y, x = top_left
-    h, w = rgba.shape[-2:]
-    ya, xa, yb, xb = max(0, y), max(0, x), min(hh, y + h), min(ww, x + w)
-    if ya >= yb or xa >= xb:
-        return None
-    return (slice(ya, yb), slice(xa, xb)), rgba[:, ya - y:yb - y, xa - x:xb - x]
-
-
-class _Group:
-    """Consecutive layers at one level ``s``, accumulated front to back on that level's grid.
-
-    Occlusion is additive: layer ``l`` is weighted by ``clamp(1 - sum of the blurred alphas of
-    layers <= l - 2, 0, 1)``; the adjacent layer ``l - 1`` never occludes it (a surface crossing
-    from one layer to the next is continuous, and a pixel shared by two layers must not hide
-    itself). Layers before the group act through the caller's transmittance, except the one just
-    before it (``before``), which is treated here like any group member.
-    """
-
-    def __init__(self, s: int, before: Tensor | None, shape: tuple[int, int], like: Tensor) -> None:
-        hh, ww = shape
-        self.s = s
-        self.num = like.new_zeros(3, hh, ww)
-        self.cov = like.new_zeros(1, hh, ww)
-        self.occ = like.new_zeros(1, hh, ww)
-        self.prev: tuple[tuple[slice, slice], Tensor] | None = None
-        if before is not None:
-            self.prev = ((slice(0, hh), slice(0, ww)), before)
-
-    def add(self, placed: tuple[tuple[int, int], Tensor] | None) -> None:
-        current = None
-        if placed is not None:
-            clipped = _clip(*placed, *self.cov.shape[-2:])
-            if clipped is not None:
-                (ys, xs), rgba = clipped
-                alpha = rgba[3:4].clamp(0.0, 1.0)
-                weight = (1.0 - self.occ[:, ys, xs]).clamp_(0.0, 1.0)
-                self.num[:, ys, xs] += weight * rgba[:3]
-                self.cov[:, ys, xs] += weight * alpha
-                current = ((ys, xs), alpha)
-        if self.prev is not None:
-            (ys, xs), alpha = self.prev
-            self.occ[:, ys, xs] += alpha
-        self.prev = current
-
-    def last_alpha(self) -> Tensor | None:
-        """Blurred alpha of the group's last layer on the full grid (occludes the next group)."""
-        if self.prev is None:
-            return None
-        (ys, xs), alpha = self.prev
-        full = torch.zeros_like(self.cov)
-        full[:, ys, xs] = alpha
-        return full
-
-
-def _resample(x: Tensor, s_from: int, s_to: int) -> Tensor:
-    """Move a ``(C, h, w)`` map between levels (area average down, bilinear up)."""
-    if s_to > s_from:
-        return F.avg_pool2d(x[None], s_to // s_from)[0]
-    if s_to < s_from:
-        return F.interpolate(x[None], scale_factor=s_from // s_to, mode="bilinear", align_corners=False)[0]
-    return x
-
-
 def _render_one(lin: Tensor, coc: Tensor, aperture: Aperture | None, step: Callable[[], None]) -> Tensor:
+    """Render one image: linear colour ``(3, H, W)`` and signed CoC ``(H, W)`` -> linear colour."""
     frame = _prepare(lin, coc)
     kernels = _Kernels(aperture, lin.dtype, lin.device)
     hp, wp = frame.beta.shape
     num = lin.new_zeros(3, hp, wp)
     cov = lin.new_zeros(1, hp, wp)
-    trans = lin.new_ones(1, hp, wp)
-    group: _Group | None = None
-
-    def merge(g: _Group) -> None:
-        nonlocal trans
-        up = _resample(torch.cat([g.num, g.cov, (1.0 - g.occ).clamp_(0.0, 1.0)]), g.s, 1)
-        num.addcmul_(trans, up[:3])
-        cov.addcmul_(trans, up[3:4])
-        trans = trans * up[4:5]
-
+    occ = lin.new_zeros(1, hp, wp)  # blurred alphas of the layers two or more steps nearer
+    previous: tuple[tuple[slice, slice], Tensor] | None = None
     for index, lam in enumerate(frame.radii):
         s = _level(abs(lam))
-        if group is None or s != group.s:
-            before = None
-            if group is not None:
-                merge(group)
-                last = group.last_alpha()
-                before = None if last is None else _resample(last, group.s, s)
-            group = _Group(s, before, (hp // s, wp // s), lin)
-        group.add(_layer_rgba(frame, index, s, kernels))
+        placed = _layer_rgba(frame, index, s, kernels)
+        current = None
+        if placed is not None:
+            (cy, cx), rgba = placed
+            if s > 1:  # bilinear upsampling on the global grid: pad one empty cell per side
+                rgba = F.interpolate(F.pad(rgba, (1, 1, 1, 1))[None], scale_factor=s, mode="bilinear",
+                                     align_corners=False)[0]
+                cy, cx = (cy - 1) * s, (cx - 1) * s
+            h, w = rgba.shape[-2:]
+            ya, xa, yb, xb = max(0, cy), max(0, cx), min(hp, cy + h), min(wp, cx + w)
+            if ya < yb and xa < xb:
+                rgba = rgba[:, ya - cy:yb - cy, xa - cx:xb - cx]
+                win = (slice(ya, yb), slice(xa, xb))
+                alpha = rgba[3:4].clamp(0.0, 1.0)
+                # additive occlusion: the adjacent nearer layer does not occlude (see module doc)
+                weight = (1.0 - occ[:, win[0], win[1]]).clamp_(0.0, 1.0)
+                num[:, win[0], win[1]].addcmul_(weight, rgba[:3])
+                cov[:, win[0], win[1]].addcmul_(weight, alpha)
+                current = (win, alpha)
+        if previous is not None:
+            win, alpha = previous
+            occ[:, win[0], win[1]] += alpha
+        previous = current
         step()
-    if group is not None:
-        merge(group)
     out = torch.where(cov > 1e-6, num / cov.clamp_min(1e-6), frame.lin)
     return out[:, :frame.height, :frame.width]
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 
-import torch  # noqa: F401  (the doctests use it)
+import torch  # noqa: F401  (used by the doctests)
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -146,7 +146,12 @@ def focus_to_processed(focus: FocusTarget, info: ResizeInfo, geometry: str) -> F
 
 
 def frame_focus(focus: FocusTarget, i: int) -> FocusTarget:
-    """The focus target of frame ``i`` (a mask batch is sliced; other targets apply to every frame)."""
+    """The focus target of frame ``i`` (a mask batch is sliced; other targets apply to every frame).
+
+    Example:
+        >>> frame_focus(FocusTarget("mask", mask=torch.ones(3, 1, 4, 4)), 1).mask.shape
+        torch.Size([1, 1, 4, 4])
+    """
     if focus.kind == "mask" and focus.mask is not None and focus.mask.shape[0] > 1:
         return FocusTarget("mask", mask=focus.mask[i : i + 1], threshold=focus.threshold)
     return focus

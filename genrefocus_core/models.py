@@ -70,6 +70,11 @@ def load_flux_vae(
 
     Raises:
         GenRefocusModelError: missing/corrupt files or tensors that do not fit the config.
+
+    Example:
+        >>> vae = load_flux_vae("models/vae/ae.safetensors", dtype=torch.bfloat16)  # doctest: +SKIP
+        >>> vae.config.latent_channels  # doctest: +SKIP
+        16
     """
     from .conditions import load_vae
 
@@ -150,7 +155,18 @@ def load_genfocus_models(
         ``scheduler/`` folder beside a diffusers transformer, else FLUX.1-dev's).
 
     Raises:
+        GenRefocusInputError: no LoRA given.
         GenRefocusModelError: missing or incompatible files (the message says what to put where).
+
+    Example:
+        >>> models = load_genfocus_models(
+        ...     "models/diffusion_models/flux1-dev.safetensors", "models/vae/ae.safetensors",
+        ...     "models/genrefocus/genfocus_prompts.safetensors",
+        ...     deblur_lora="models/loras/genfocus/deblurNet.safetensors",
+        ...     bokeh_lora="models/loras/genfocus/bokehNet.safetensors",
+        ...     dtype=torch.bfloat16, device="cuda")  # doctest: +SKIP
+        >>> sorted(models.transformer.peft_config)  # doctest: +SKIP
+        ['bokeh', 'deblurring']
     """
     from .flux_lora import load_lora, load_transformer
     from .prompts import load_prompt_embeddings

@@ -468,6 +468,11 @@ def deblur_image(
     Raises:
         GenRefocusInputError: bad inputs (see :func:`check_inputs`).
         GenRefocusModelError: the needed LoRA is not loaded.
+
+    Example:
+        >>> out = deblur_image(photo, models=models, long_side=1024, restore_size=True)  # doctest: +SKIP
+        >>> out.image.shape == photo.shape  # doctest: +SKIP
+        True
     """
     info = check_inputs(
         image,
@@ -536,6 +541,12 @@ def bokeh_image(
     Raises:
         GenRefocusInputError: bad inputs (see :func:`check_inputs`).
         GenRefocusModelError: the BokehNet LoRA is not loaded.
+
+    Example:
+        >>> out = bokeh_image(aif, models=models, depth_model=depth_pro, k=20,
+        ...                   focus=FocusTarget("point", x=0.4, y=0.5))  # doctest: +SKIP
+        >>> float(out.defocus.max()) <= 1.0  # doctest: +SKIP
+        True
     """
     info = check_inputs(
         aif,

@@ -1,14 +1,18 @@
 """GenRefocus: ComfyUI entry point.
 
 Guarded: outside ComfyUI (scripts, tests, the CLI) importing this package registers nothing; inside
-ComfyUI it exposes one V3 ``ComfyExtension`` through ``comfy_entrypoint``.
+ComfyUI, which imports this folder as a package, it exposes one V3 ``ComfyExtension`` through
+``comfy_entrypoint``.
 """
 
 try:
     from comfy_api.latest import ComfyExtension
 except ImportError:  # not running inside ComfyUI
-    pass
-else:
+    ComfyExtension = None
+
+# Only a package import (what ComfyUI does) registers nodes; a bare-module import of this file, as
+# test runners may do for a folder's __init__.py, has no package to import the nodes from.
+if ComfyExtension is not None and __package__:
     from .nodes import NODES
 
     class GenRefocusExtension(ComfyExtension):

@@ -1,9 +1,10 @@
-"""Command line: ``python -m genrefocus_core render|demo|deblur|bokeh|refocus``.
+"""Command line: ``python -m genrefocus_core render|demo|deblur|bokeh|refocus|build-prompts``.
 
 ``render`` refocuses an all-in-focus image with a depth/disparity file; ``demo`` renders the
 built-in synthetic scene (no input files or weights needed) to show the classical renderer.
 ``deblur``, ``bokeh`` and ``refocus`` run the generative Genfocus pipeline (FLUX + LoRAs, local
-files only; see :mod:`genrefocus_core.cli_generative`).
+files only; see :mod:`genrefocus_core.cli_generative`). ``build-prompts`` writes the cached prompt
+embeddings once from local T5/CLIP folders (:mod:`genrefocus_core.text_encoders`).
 """
 
 from __future__ import annotations
@@ -134,6 +135,17 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_prompts(args: argparse.Namespace) -> int:
+    from .text_encoders import build_prompt_cache
+
+    t5, clip = args.t5 or args.flux, args.clip or args.flux
+    if t5 is None or clip is None:
+        raise GenRefocusError("build-prompts needs --flux DIR, or both --t5 DIR and --clip DIR")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    build_prompt_cache(t5, clip, args.output, device=args.device, dtype=dtype)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m genrefocus_core``."""
     parser = argparse.ArgumentParser(prog="python -m genrefocus_core", description=__doc__)
@@ -165,6 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="render both modes (default) or only --mode")
     _add_render_options(d)
     add_generative_commands(sub)
+
+    b = sub.add_parser("build-prompts", help="write the cached prompt embeddings from local T5/CLIP folders")
+    b.add_argument("--flux", type=Path, default=None,
+                   help="FLUX.1-dev diffusers folder (text_encoder/, tokenizer/, text_encoder_2/, "
+                        "tokenizer_2/)")
+    b.add_argument("--t5", type=Path, default=None,
+                   help="T5-XXL folder (model + tokenizer); overrides --flux")
+    b.add_argument("--clip", type=Path, default=None,
+                   help="CLIP-L folder (model + tokenizer); overrides --flux")
+    b.add_argument("-o", "--output", type=Path, required=True,
+                   help="output .safetensors, e.g. models/genrefocus/genfocus_prompts.safetensors")
+    b.add_argument("--device", default="cpu", help="torch device for the encoders (default cpu)")
+    b.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="encoder and stored dtype (official: bf16 on CUDA, fp32 on the CPU)")
     return parser
 
 
@@ -176,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in GENERATIVE_COMMANDS:
             return run_generative(args)
+        if args.command == "build-prompts":
+            return _build_prompts(args)
         return _render(args) if args.command == "render" else _demo(args)
     except GenRefocusError as e:
         logger.error("%s", e)

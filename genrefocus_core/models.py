@@ -124,7 +124,7 @@ def _scheduler_shift(transformer: Path) -> FlowShift:
 def load_genfocus_models(
     transformer: str | Path,
     vae: str | Path,
-    prompts: str | Path,
+    prompts: str | Path | None,
     *,
     deblur_lora: str | Path | None = None,
     bokeh_lora: str | Path | None = None,
@@ -141,7 +141,8 @@ def load_genfocus_models(
             ``.safetensors`` file (BFL/ComfyUI layout, fp8 included).
         vae: the FLUX VAE: a diffusers folder (``vae/`` or a pipeline folder holding it) or a single
             ``.safetensors`` file (e.g. ComfyUI's ``ae.safetensors``).
-        prompts: the cached prompt embeddings (``.safetensors``, see :mod:`~genrefocus_core.prompts`).
+        prompts: the cached prompt embeddings (``.safetensors``, see :mod:`~genrefocus_core.prompts`),
+            or None (no cached prompts: the caller supplies embeddings, e.g. from ComfyUI CONDITIONING).
         deblur_lora: ``deblurNet.safetensors`` → adapter :data:`ADAPTER_DEBLUR`.
         bokeh_lora: ``bokehNet.safetensors`` → adapter :data:`ADAPTER_BOKEH`.
         pre_deblur_lora: ``deblurNet_with_pre_deblur.safetensors`` → :data:`ADAPTER_PRE_DEBLUR`.
@@ -183,7 +184,7 @@ def load_genfocus_models(
             load_lora(model, path, adapter)
     vae_model = load_flux_vae(vae, config=vae_config, device=device, dtype=dtype)
     cfg = model.config
-    embeds = load_prompt_embeddings(
+    embeds = {} if prompts is None else load_prompt_embeddings(
         prompts,
         joint_attention_dim=cfg.joint_attention_dim,
         pooled_projection_dim=cfg.pooled_projection_dim,

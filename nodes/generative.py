@@ -6,11 +6,17 @@ so these nodes follow comfyui.md section 5: room is made on the compute device w
 they go back to the offload device and the cache is emptied, unless the loader's ``keep_loaded``
 is on. Batches are processed frame by frame; progress advances per denoise step and tile, and an
 interrupt stops the run between two of them.
+
+The fixed prompts' text embeddings come from the loader's cached file or, when connected, from
+ComfyUI ``CONDITIONING`` inputs (first entry: T5 ``(1, L, 4096)`` + ``pooled_output`` ``(1, 768)``).
+ComfyUI's FLUX T5 pads to at least 256 tokens where the official pipeline pads to 512 without a
+mask, so CONDITIONING gives slightly different images (official-pipeline.md §15).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import chain
@@ -23,6 +29,7 @@ from ..genrefocus_core.depth_models import DepthModel as CoreDepthModel
 from ..genrefocus_core.errors import GenRefocusInputError, GenRefocusModelError
 from ..genrefocus_core.genpipe import GenerationOptions, GenfocusModels
 from ..genrefocus_core.pipeline import MAX_STEPS, bokeh_image, deblur_image, refocus
+from ..genrefocus_core.prompts import PROMPTS, PromptEmbedding
 from ._glue import bchw_to_image, check_combo, image_to_bchw, progress, user_errors
 from .sockets import Defocus, Depth, DepthModel, Focus, Pipe, Tiling
 
@@ -152,6 +159,60 @@ def _sampler_inputs() -> list:
     ]
 
 
+def _conditioning_input(param: str, prompt: str) -> io.Input:
+    return io.Conditioning.Input(
+        param, optional=True,
+        tooltip=f"Optional: the text embedding of the fixed prompt {PROMPTS[prompt]!r} from CLIP Text Encode "
+        "with a FLUX CLIP (DualCLIPLoader, type flux), replacing the loader's cached prompt file. ComfyUI's "
+        "T5 pads to 256+ tokens, the official pipeline to 512, so results differ slightly from the "
+        "reference; use the cached file for parity.",
+    )
+
+
+def _conditioning(node: str, param: str, cond, pipe: GenerativePipe, prompt: str) -> PromptEmbedding | None:
+    """The first entry of a ComfyUI CONDITIONING as a prompt embedding, checked against the transformer."""
+    if cond is None:
+        return None
+    cfg = pipe.models.transformer.config
+    d_txt, d_pool = cfg.joint_attention_dim, cfg.pooled_projection_dim
+    entry = cond[0] if isinstance(cond, (list, tuple)) and cond else None
+    if not (isinstance(entry, (list, tuple)) and len(entry) >= 2 and isinstance(entry[1], dict)):
+        raise GenRefocusInputError(
+            f"[{node}] {param} must be a ComfyUI CONDITIONING (a list of [tensor, dict]), "
+            f"got {type(cond).__name__}"
+        )
+    emb, pooled = entry[0], entry[1].get("pooled_output")
+    if not (isinstance(emb, torch.Tensor) and emb.ndim == 3 and emb.shape[0] == 1 and emb.shape[2] == d_txt):
+        got = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
+        raise GenRefocusInputError(
+            f"[{node}] {param} must hold text embeddings of shape (1, L, {d_txt}) (T5-XXL for FLUX), "
+            f"got {got}; encode with a FLUX CLIP (DualCLIPLoader, type flux)"
+        )
+    if not (isinstance(pooled, torch.Tensor) and pooled.shape == (1, d_pool)):
+        got = tuple(pooled.shape) if isinstance(pooled, torch.Tensor) else "none"
+        raise GenRefocusInputError(
+            f"[{node}] {param} must carry a pooled_output of shape (1, {d_pool}) (CLIP-L), got {got}; "
+            "encode with a FLUX CLIP (DualCLIPLoader, type flux)"
+        )
+    return PromptEmbedding(PROMPTS[prompt], emb, pooled)
+
+
+def _models(node: str, pipe: GenerativePipe, given: dict[str, tuple[str, PromptEmbedding | None]],
+            needed: tuple[str, ...]) -> GenfocusModels:
+    """The pipe's models, connected CONDITIONING replacing cached prompts; each needed prompt present."""
+    prompts = dict(pipe.models.prompts)
+    prompts.update({name: emb for name, (_, emb) in given.items() if emb is not None})
+    for name in needed:
+        if name not in prompts:
+            raise GenRefocusModelError(
+                f"[{node}] no text embedding for the {name} prompt: pick the cached prompt file "
+                "(genfocus_prompts.safetensors in models/genrefocus; build it once with python -m "
+                f"genrefocus_core build-prompts) in Load Genfocus Models, or connect {given[name][0]} "
+                f"(CLIP Text Encode of {PROMPTS[name]!r} with a FLUX CLIP)"
+            )
+    return dataclasses.replace(pipe.models, prompts=prompts)
+
+
 def _tiling_input() -> io.Input:
     return Tiling.Input("tiling", optional=True,
                         tooltip=f"From {TILED}; default: official tiling (512 px tiles from 512 px on).")
@@ -215,19 +276,22 @@ class DeblurNet(io.ComfyNode):
                                tooltip="The same photo deblurred by another method (any size); uses the "
                                "pre-deblur DeblurNet LoRA."),
                 _tiling_input(),
+                _conditioning_input("conditioning", "deblur"),
             ],
             outputs=[io.Image.Output(display_name="all_in_focus")],
         )
 
     @classmethod
     def execute(cls, pipe, image, steps: int, seed: int, noise: str, long_side: int, restore_size: bool,
-                pre_deblurred=None, tiling=None) -> io.NodeOutput:
+                pre_deblurred=None, tiling=None, conditioning=None) -> io.NodeOutput:
         pipe = _check_pipe(DEBLUR, pipe)
         options = _options(DEBLUR, steps, seed, noise, tiling)
         frames = image_to_bchw(image, node=DEBLUR)
         pre = _optional_image(DEBLUR, pre_deblurred)
+        cond = _conditioning(DEBLUR, "conditioning", conditioning, pipe, "deblur")
+        models = _models(DEBLUR, pipe, {"deblur": ("conditioning", cond)}, ("deblur",))
         with _errors(DEBLUR), _on_compute_device(pipe):
-            out = deblur_image(frames, models=pipe.models, options=options, pre_deblurred=pre,
+            out = deblur_image(frames, models=models, options=options, pre_deblurred=pre,
                                long_side=long_side, restore_size=restore_size, on_step=progress(1))
         return io.NodeOutput(bchw_to_image(out.image))
 
@@ -251,18 +315,21 @@ class BokehNet(io.ComfyNode):
                               "(metric depth: K in px*m as Genfocus; 20 = demo default)."),
                 *_sampler_inputs(),
                 _tiling_input(),
+                _conditioning_input("conditioning", "bokeh"),
             ],
             outputs=[io.Image.Output(display_name="image")],
         )
 
     @classmethod
     def execute(cls, pipe, image, defocus, steps: int, seed: int, noise: str, long_side: int,
-                restore_size: bool, tiling=None) -> io.NodeOutput:
+                restore_size: bool, tiling=None, conditioning=None) -> io.NodeOutput:
         pipe = _check_pipe(BOKEH, pipe)
         options = _options(BOKEH, steps, seed, noise, tiling)
         frames = image_to_bchw(image, node=BOKEH)
+        cond = _conditioning(BOKEH, "conditioning", conditioning, pipe, "bokeh")
+        models = _models(BOKEH, pipe, {"bokeh": ("conditioning", cond)}, ("bokeh",))
         with _errors(BOKEH), _on_compute_device(pipe):
-            out = bokeh_image(frames, models=pipe.models, defocus=defocus, options=options,
+            out = bokeh_image(frames, models=models, defocus=defocus, options=options,
                               long_side=long_side, restore_size=restore_size, on_step=progress(1))
         return io.NodeOutput(bchw_to_image(out.image))
 
@@ -297,6 +364,8 @@ class Refocus(io.ComfyNode):
                                tooltip="The photo deblurred by another method; uses the pre-deblur "
                                "DeblurNet."),
                 _tiling_input(),
+                _conditioning_input("deblur_conditioning", "deblur"),
+                _conditioning_input("bokeh_conditioning", "bokeh"),
             ],
             outputs=[
                 io.Image.Output(display_name="image"),
@@ -308,7 +377,7 @@ class Refocus(io.ComfyNode):
     @classmethod
     def execute(cls, pipe, image, k: float, steps: int, seed: int, noise: str, long_side: int,
                 restore_size: bool, depth_model=None, depth=None, focus=None, pre_deblurred=None,
-                tiling=None) -> io.NodeOutput:
+                tiling=None, deblur_conditioning=None, bokeh_conditioning=None) -> io.NodeOutput:
         pipe = _check_pipe(REFOCUS, pipe)
         options = _options(REFOCUS, steps, seed, noise, tiling)
         frames = image_to_bchw(image, node=REFOCUS)
@@ -320,9 +389,16 @@ class Refocus(io.ComfyNode):
                 f"[{REFOCUS}] depth_model or depth must be connected when k > 0 (e.g. Load Depth Model with "
                 "Depth Pro); k = 0 needs neither"
             )
+        given = {
+            "deblur": ("deblur_conditioning",
+                       _conditioning(REFOCUS, "deblur_conditioning", deblur_conditioning, pipe, "deblur")),
+            "bokeh": ("bokeh_conditioning",
+                      _conditioning(REFOCUS, "bokeh_conditioning", bokeh_conditioning, pipe, "bokeh")),
+        }
+        models = _models(REFOCUS, pipe, given, ("deblur", "bokeh") if k > 0 else ("deblur",))
         model = depth_model if k > 0 and depth is None else None
         with _errors(REFOCUS), _on_compute_device(pipe, model):
-            out = refocus(frames, models=pipe.models, depth_model=model, depth=depth if k > 0 else None,
+            out = refocus(frames, models=models, depth_model=model, depth=depth if k > 0 else None,
                           focus=focus or FocusTarget("center"), k=k, options=options, pre_deblurred=pre,
                           long_side=long_side, restore_size=restore_size, on_step=progress(1))
         cond = out.defocus if out.defocus is not None else torch.zeros_like(out.aif[:, :1])

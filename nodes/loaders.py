@@ -203,7 +203,7 @@ def genfocus_options(param: str) -> list[str]:
     files = sorted({n for key in keys for n in _safetensors_files(key)})
     if param in ("transformer", "vae"):
         files += diffusers_folders(param)
-    if param == "pre_deblur_lora":
+    if param in ("pre_deblur_lora", "prompts"):  # prompts: none = CONDITIONING inputs of the Genfocus nodes
         files = [NONE, *files]
     return files
 
@@ -215,7 +215,8 @@ def _default(param: str, options: list[str]) -> str | None:
     for name in options:
         if name.rsplit("/", 1)[-1] == wanted:
             return name
-    return options[0] if options else None
+    files = [o for o in options if o != NONE]
+    return (files or options or [None])[0]
 
 
 def _genfocus_path(param: str, name: str) -> str | None:
@@ -284,7 +285,8 @@ class GenfocusModelLoader(io.ComfyNode):
                 combo("pre_deblur_lora", "deblurNet_with_pre_deblur.safetensors, for DeblurNet with a "
                       "pre-deblurred image; none to save memory."),
                 combo("prompts", "Cached embeddings of the two fixed Genfocus prompts "
-                      "(genfocus_prompts.safetensors in models/genrefocus)."),
+                      "(genfocus_prompts.safetensors in models/genrefocus; build it once with python -m "
+                      "genrefocus_core build-prompts). none: connect CONDITIONING to the Genfocus nodes."),
                 io.Combo.Input("dtype", options=list(GEN_DTYPES), default="auto",
                                tooltip="Compute precision; auto = bf16 on CUDA (as the official code), "
                                "fp32 on the CPU."),

@@ -114,7 +114,8 @@ def test_loader_lists_files_and_diffusers_folders(nodes, registered):
     )
     assert inputs["bokeh_lora"].default == "genfocus/bokehNet.safetensors"
     assert inputs["pre_deblur_lora"].options[0] == "none" and inputs["pre_deblur_lora"].default == "none"
-    assert inputs["prompts"].options == ["genfocus_prompts.safetensors"]
+    assert inputs["prompts"].options == ["none", "genfocus_prompts.safetensors"]
+    assert inputs["prompts"].default == "genfocus_prompts.safetensors"
 
 
 def test_loader_loads_both_loras_resident(pipe, nodes, registered):
@@ -285,3 +286,85 @@ def test_interrupt_stops_the_run_and_leaves_the_pipe_usable(nodes, pipe):
         mm.interrupt_current_processing(False)
     again = nodes[DEBLUR].execute(pipe=pipe, image=photo, **SAMPLER).result[0]
     torch.testing.assert_close(again, clean, rtol=0, atol=0)
+
+
+def _cond(emb):
+    """A ComfyUI CONDITIONING holding one prompt embedding (copies, on the CPU)."""
+    return [[emb.prompt_embeds.clone(), {"pooled_output": emb.pooled.clone()}]]
+
+
+def test_conditioning_equals_the_cached_prompts(nodes, pipe):
+    p = pipe.models.prompts
+    photo = _photo(seed=5)
+    cached = nodes[DEBLUR].execute(pipe=pipe, image=photo, **SAMPLER).result[0]
+    given = nodes[DEBLUR].execute(pipe=pipe, image=photo, conditioning=_cond(p["deblur"]),
+                                  **SAMPLER).result[0]
+    torch.testing.assert_close(given, cached, rtol=0, atol=0)
+    other = nodes[DEBLUR].execute(pipe=pipe, image=photo, conditioning=_cond(p["bokeh"]), **SAMPLER).result[0]
+    assert not torch.allclose(other, cached)  # the connected embedding really replaces the cached one
+    assert set(pipe.models.prompts) == {"deblur", "bokeh"} and pipe.models.prompts["deblur"] is p["deblur"]
+
+    depth = _core("depth").DepthMap(
+        torch.linspace(0.1, 0.6, 40).view(1, 1, 1, 40).expand(1, 1, 30, 40).clone(), metric=True
+    )
+    dm = _core("defocus").defocus_map(depth.disparity, _core("defocus").FocusTarget(), 30.0, metric=True)
+    cached = nodes[BOKEH].execute(pipe=pipe, image=photo, defocus=dm, **SAMPLER).result[0]
+    given = nodes[BOKEH].execute(pipe=pipe, image=photo, defocus=dm, conditioning=_cond(p["bokeh"]),
+                                 **SAMPLER).result[0]
+    torch.testing.assert_close(given, cached, rtol=0, atol=0)
+
+    cached = nodes[REFOCUS].execute(pipe=pipe, image=photo, k=25.0, depth=depth, **SAMPLER).result
+    given = nodes[REFOCUS].execute(pipe=pipe, image=photo, k=25.0, depth=depth, **SAMPLER,
+                                   deblur_conditioning=_cond(p["deblur"]),
+                                   bokeh_conditioning=_cond(p["bokeh"])).result
+    for g, c in zip(given, cached, strict=True):
+        torch.testing.assert_close(g, c, rtol=0, atol=0)
+
+
+def test_loader_without_prompt_file_runs_on_conditioning(nodes, pipe, errors):
+    bare = nodes[LOADER].execute(**(LOADER_ARGS | {"prompts": "none"})).result[0]
+    assert dict(bare.models.prompts) == {}
+    photo = _photo(seed=6)
+    with pytest.raises(
+        errors.GenRefocusModelError,
+        match=r"^\[DeblurNet \(Genfocus\)\] no text embedding for the deblur prompt: pick the cached "
+        r"prompt file .*build-prompts.* in Load Genfocus Models, or connect conditioning",
+    ):
+        nodes[DEBLUR].execute(pipe=bare, image=photo, **SAMPLER)
+    p = pipe.models.prompts
+    with pytest.raises(errors.GenRefocusModelError, match=r"^\[Refocus \(Genfocus\)\] .*bokeh_conditioning"):
+        nodes[REFOCUS].execute(pipe=bare, image=photo, k=20.0, depth=_core("depth").DepthMap(
+            torch.rand(1, 1, 30, 40) + 0.1, metric=True), deblur_conditioning=_cond(p["deblur"]), **SAMPLER)
+    out = nodes[DEBLUR].execute(pipe=bare, image=photo, conditioning=_cond(p["deblur"]), **SAMPLER).result[0]
+    torch.testing.assert_close(out, nodes[DEBLUR].execute(pipe=pipe, image=photo, **SAMPLER).result[0],
+                               rtol=0, atol=0)
+    k0 = nodes[REFOCUS].execute(pipe=bare, image=photo, k=0.0, deblur_conditioning=_cond(p["deblur"]),
+                                **SAMPLER).result[0]  # k = 0 needs no bokeh prompt
+    torch.testing.assert_close(k0, out, rtol=0, atol=0)
+
+
+def test_conditioning_with_wrong_dims_names_node_and_parameter(nodes, pipe, errors):
+    e = pipe.models.prompts["deblur"]
+    photo = _photo()
+    d_txt = pipe.models.transformer.config.joint_attention_dim
+    with pytest.raises(
+        errors.GenRefocusInputError,
+        match=rf"^\[DeblurNet \(Genfocus\)\] conditioning must hold text embeddings of shape "
+        rf"\(1, L, {d_txt}\).*got \(1, 256, 4096\)",
+    ):
+        wide = [[torch.zeros(1, 256, 4096), {"pooled_output": e.pooled}]]
+        nodes[DEBLUR].execute(pipe=pipe, image=photo, conditioning=wide, **SAMPLER)
+    with pytest.raises(
+        errors.GenRefocusInputError,
+        match=r"^\[Refocus \(Genfocus\)\] bokeh_conditioning must carry a pooled_output of shape .*got none",
+    ):
+        nodes[REFOCUS].execute(pipe=pipe, image=photo, k=0.0, bokeh_conditioning=[[e.prompt_embeds, {}]],
+                               **SAMPLER)
+    with pytest.raises(
+        errors.GenRefocusInputError,
+        match=r"^\[BokehNet \(Genfocus\)\] conditioning must carry a pooled_output",
+    ):
+        bad = [[e.prompt_embeds, {"pooled_output": torch.zeros(1, 768)}]]
+        nodes[BOKEH].execute(pipe=pipe, image=photo, defocus=None, conditioning=bad, **SAMPLER)
+    with pytest.raises(errors.GenRefocusInputError, match=r"conditioning must be a ComfyUI CONDITIONING"):
+        nodes[DEBLUR].execute(pipe=pipe, image=photo, conditioning=e.prompt_embeds, **SAMPLER)

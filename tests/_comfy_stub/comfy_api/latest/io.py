@@ -77,6 +77,11 @@ class Mask:
     pass
 
 
+@_comfytype("CONDITIONING")
+class Conditioning:
+    pass
+
+
 @_comfytype("BOOLEAN")
 class Boolean:
     class Input(WidgetInput):

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import genrefocus_core._render_bokehme as bokehme_module
 from genrefocus_core._render_bokehme import (
     bokehme_disparity,
     bokehme_init_angle,
@@ -59,6 +60,20 @@ def test_disc_matches_brute_force(k):
     assert rmax > 2.5
     fast = render_bokehme(img, disp, k=k, disp_focus=0.45, gamma=4.0)
     ref = scatter_reference(img, disp, k=k, disp_focus=0.45, gamma=4.0)
+    assert (fast - ref).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("path", ["scattered", "whole-image"])
+@pytest.mark.parametrize("aperture", [None, Aperture(shape="polygon", blades=5, rotation_deg=10.0)])
+def test_both_tap_paths_match_brute_force(monkeypatch, path, aperture):
+    # Each offset group is added either by scattered index_add_ or by whole-image shifted adds,
+    # chosen by a cost model; force one path for every group.
+    monkeypatch.setattr(bokehme_module, "_SPARSE_COST", 0.0 if path == "scattered" else 1e9)
+    img, disp = _scene(seed=9)
+    fast = render_bokehme(img, disp, k=25.0, disp_focus=0.5, gamma=4.0, aperture=aperture)
+    sides = None if aperture is None else 5
+    ref = scatter_reference(img, disp, k=25.0, disp_focus=0.5, gamma=4.0, poly_sides=sides,
+                            init_angle=bokehme_init_angle(10.0))
     assert (fast - ref).abs().max() <= 1e-5
 
 

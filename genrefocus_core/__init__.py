@@ -30,7 +30,10 @@ from .defocus import (
 from .depth import DepthMap, depth_map_from_image
 from .depth_models import DepthModel, load_depth_model
 from .errors import GenRefocusError, GenRefocusInputError, GenRefocusModelError
+from .genpipe import GenerationOptions, GenfocusModels
 from .metrics import laplacian_variance, lv_corr, psnr, search_k, ssim
+from .models import load_genfocus_models
+from .pipeline import bokeh_image, deblur_image, refocus
 from .renderer import RENDER_MODES, render_bokeh
 
 __version__ = "0.1.0"
@@ -47,12 +50,16 @@ __all__ = [
     "GenRefocusError",
     "GenRefocusInputError",
     "GenRefocusModelError",
+    "GenerationOptions",
+    "GenfocusModels",
     "__version__",
     "aperture_from_image",
     "aperture_kernel",
     "aperture_mask",
     "aperture_preview",
+    "bokeh_image",
     "bokeh_k",
+    "deblur_image",
     "defocus_condition_map",
     "defocus_map",
     "depth_map_from_image",
@@ -63,9 +70,11 @@ __all__ = [
     "focus_disparity_from_point",
     "laplacian_variance",
     "load_depth_model",
+    "load_genfocus_models",
     "lv_corr",
     "psnr",
     "read_exif",
+    "refocus",
     "render_bokeh",
     "search_k",
     "signed_coc",

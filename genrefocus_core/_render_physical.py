@@ -60,9 +60,13 @@ logger = logging.getLogger(__name__)
 
 #: Radii (px) of the first layers after 0; geometric growth by :data:`_RATIO` after the last one.
 _FINE = (0.5, 1.0, 2.0)
+#: Jacobi sweeps per pyramid level of the hidden-surface colour fill.
+_RELAX = 8
 _RATIO = 1.3
-#: Bins whose smaller radius is at least ``2 * _R0`` px are blurred at reduced resolution.
+#: A layer of radius ``r >= 2 r0`` is blurred at ``1/s`` resolution, ``s = 2^floor(log2(r / r0))``,
+#: so its kernel spans 4..8 px there (8..16 px for shaped apertures, to keep their outline).
 _R0 = 4.0
+_R0_SHAPED = 8.0
 #: Highlight curve: identity up to _KNEE (linear light), cubic above, 1.0 -> _PEAK.
 _KNEE = 0.9
 _PEAK = 8.0
@@ -115,11 +119,11 @@ def _layer_radii(c_min: float, c_max: float) -> list[float]:
     return [*reversed(pos), *(-m for m in neg[1:])]
 
 
-def _level(r_small: float) -> int:
-    """Downsampling factor for a bin whose smaller |radius| is ``r_small``."""
-    if r_small < 2.0 * _R0:
+def _level(radius: float, r0: float) -> int:
+    """Downsampling factor of a layer of blur radius ``radius`` (px)."""
+    if radius < 2.0 * r0:
         return 1
-    return 2 ** math.floor(math.log2(r_small / _R0))
+    return 2 ** math.floor(math.log2(radius / r0))
 
 
 def _nice(n: int) -> int:
@@ -200,19 +204,32 @@ def _convolve(x: Tensor, lam: float, s: int, kernels: _Kernels, margin: int) -> 
 
 
 def _halve(x: Tensor) -> Tensor:
-    """2x2 box average of ``(C, h, w)``; odd sizes are padded with zeros (empty cells)."""
-    h, w = x.shape[-2:]
-    if h % 2 or w % 2:
-        x = F.pad(x, (0, w % 2, 0, h % 2))
-    return (x[:, 0::2, 0::2] + x[:, 1::2, 0::2] + x[:, 0::2, 1::2] + x[:, 1::2, 1::2]).mul_(0.25)
+    """Smooth 2x decimation of ``(C, h, w)``: separable [1, 3, 3, 1] / 8 filter, stride 2.
+
+    Its support straddles cell borders, so what is known near the edge of a hole reaches the
+    coarser cells over the hole (a box filter would stop at power-of-two boundaries). Beyond the
+    array everything is empty (zero).
+    """
+    for dim in (1, 2):
+        n = x.shape[dim]
+        half = (n + 1) // 2
+        pad = [0, 0, 0, 0]
+        pad[2 * (2 - dim)] = 1
+        pad[2 * (2 - dim) + 1] = 2 * half + 2 - n - 1
+        xp = F.pad(x, pad)
+        a, b, c, d = (xp[(slice(None),) * dim + (slice(o, o + 2 * half - 1, 2),)] for o in range(4))
+        x = (a + d).add_(b + c, alpha=3.0).mul_(0.125)
+    return x
 
 
-def _pull_push(value: Tensor, weight: Tensor) -> Tensor:
+def _pull_push(value: Tensor, weight: Tensor, relax: int = 0) -> Tensor:
     """Extrapolate ``value / weight`` everywhere (pull-push).
 
     ``value``: ``(C, h, w)`` premultiplied by ``weight`` (``(1, h, w)`` or ``(C, h, w)``, in [0, 1]).
     Known cells keep their value; unknown ones take the weighted average of ever coarser
-    neighbourhoods, blended in with bilinear weights.
+    neighbourhoods, blended in with bilinear weights. With ``relax > 0``, every level but the
+    finest then gets ``relax`` Jacobi sweeps of Laplace's equation over its holes: the fill tends
+    to the harmonic one, which continues linear trends that plain pull-push flattens.
     """
     levels = []
     while max(value.shape[-2:]) > 1 and float(weight.amin()) <= 0.0:
@@ -221,10 +238,15 @@ def _pull_push(value: Tensor, weight: Tensor) -> Tensor:
     total = weight.sum(dim=(1, 2), keepdim=True)
     mean = value.sum(dim=(1, 2), keepdim=True) / total.clamp_min(1e-12)
     val = torch.where(weight > 0, value / weight.clamp_min(1e-12), mean)
-    for value, weight in reversed(levels):
+    for depth, (value, weight) in enumerate(reversed(levels)):
         h, w = value.shape[-2:]
         up = F.interpolate(val[None], scale_factor=2, mode="bilinear", align_corners=False)[0, :, :h, :w]
-        val = up.mul_(1.0 - weight.clamp(0.0, 1.0)).add_(value)
+        free = 1.0 - weight.clamp(0.0, 1.0)
+        val = up.mul_(free).add_(value)
+        for _ in range(relax if depth < len(levels) - 1 else 0):
+            p = F.pad(val[None], (1, 1, 1, 1), mode="replicate")[0]
+            val = (p[:, :-2, 1:-1] + p[:, 2:, 1:-1] + p[:, 1:-1, :-2] + p[:, 1:-1, 2:]).mul_(0.25 * free)
+            val.add_(value)
     return val
 
 
@@ -288,7 +310,7 @@ def _union(a: tuple[int, int, int, int] | None, b: tuple[int, int, int, int] | N
     return (min(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), max(a[3], b[3]))
 
 
-def _prepare(lin: Tensor, coc: Tensor) -> _Frame:
+def _prepare(lin: Tensor, coc: Tensor, r0: float) -> _Frame:
     c_min, c_max = float(coc.amin()), float(coc.amax())
     radii = _layer_radii(c_min, c_max)
     nb = len(radii) - 1
@@ -298,7 +320,7 @@ def _prepare(lin: Tensor, coc: Tensor) -> _Frame:
     t = ((coc - lower) / (upper - lower)).clamp_(0.0, 1.0)
     beta = nb - i  # bin index in descending order: between radii[beta] and radii[beta + 1]
     boxes = _bin_boxes(beta, nb)
-    grid = max(_level(abs(r)) for r in radii)
+    grid = max(_level(abs(r), r0) for r in radii)
     h, w = coc.shape
     hp, wp = -(-h // grid) * grid, -(-w // grid) * grid
     if (hp, wp) != (h, w):
@@ -334,7 +356,13 @@ def _fill_fields(x: Tensor, occ: Tensor, reach: float) -> Tensor:
     of the hidden surface it had among the nearby non-occluding pixels (1 behind a depth step, 0
     behind a continuous depth ramp), up to ``reach`` cells from its own pixels.
     """
-    colour = _pull_push(x[:3], x[3:4])
+    h, w = x.shape[-2:]
+    if min(h, w) >= 8:  # the colour guess is smooth: extrapolate it on a grid twice as coarse
+        colour = _pull_push(_halve(x[:3]), _halve(x[3:4]), relax=_RELAX)
+        colour = F.interpolate(colour[None], scale_factor=2, mode="bilinear", align_corners=False)
+        colour = colour[0, :, :h, :w]
+    else:
+        colour = _pull_push(x[:3], x[3:4], relax=_RELAX)
     share = _pull_push(x[3:4], 1.0 - occ).clamp_(0.0, 1.0).mul_(_dilate(x[3] > 0, reach))
     return torch.cat([colour, share])
 
@@ -398,7 +426,10 @@ def _layer_rgba(frame: _Frame, index: int, s: int,
 
 def _render_one(lin: Tensor, coc: Tensor, aperture: Aperture | None, step: Callable[[], None]) -> Tensor:
     """Render one image: linear colour ``(3, H, W)`` and signed CoC ``(H, W)`` -> linear colour."""
-    frame = _prepare(lin, coc)
+    round_ = aperture is None or aperture.shape == "disc" or (
+        aperture.shape == "polygon" and aperture.roundness == 1)
+    r0 = _R0 if round_ else _R0_SHAPED
+    frame = _prepare(lin, coc, r0)
     kernels = _Kernels(aperture, lin.dtype, lin.device)
     hp, wp = frame.beta.shape
     num = lin.new_zeros(3, hp, wp)
@@ -406,7 +437,7 @@ def _render_one(lin: Tensor, coc: Tensor, aperture: Aperture | None, step: Calla
     occ = lin.new_zeros(1, hp, wp)  # blurred alphas of the layers two or more steps nearer
     previous: tuple[tuple[slice, slice], Tensor] | None = None
     for index, lam in enumerate(frame.radii):
-        s = _level(abs(lam))
+        s = _level(abs(lam), r0)
         placed = _layer_rgba(frame, index, s, kernels)
         current = None
         if placed is not None:

@@ -60,6 +60,8 @@ logger = logging.getLogger(__name__)
 
 #: Radii (px) of the first layers after 0; geometric growth by :data:`_RATIO` after the last one.
 _FINE = (0.5, 1.0, 2.0)
+#: Tile size (cells) of the sparse overlap-add FFT convolution.
+_TILE = 64
 #: Jacobi sweeps per pyramid level of the hidden-surface colour fill.
 _RELAX = 8
 _RATIO = 1.3
@@ -190,6 +192,25 @@ def _convolve(x: Tensor, lam: float, s: int, kernels: _Kernels, margin: int) -> 
                         out[:, o + i:o + i + h, o + j:o + j + w].add_(x, alpha=k[i][j])
         return out
     oh, ow = h + 2 * margin, w + 2 * margin
+    tile = _TILE
+    ny, nx = -(-h // tile), -(-w // tile)
+    if ny * nx > 1:
+        # overlap-add over the tiles that hold anything: layers are often thin contour bands
+        c = x.shape[0]
+        xp = F.pad(x, (0, nx * tile - w, 0, ny * tile - h))
+        tiles = xp.view(c, ny, tile, nx, tile).permute(1, 3, 0, 2, 4)  # (ny, nx, C, T, T)
+        active = torch.nonzero(tiles[:, :, 3].flatten(2).amax(dim=2) > 0)
+        if len(active) * 2 <= ny * nx:
+            p = _nice(tile + 2 * margin)
+            buf = x.new_zeros(len(active), c, p, p)
+            buf[:, :, margin:margin + tile, margin:margin + tile] = tiles[active[:, 0], active[:, 1]]
+            spec = torch.fft.rfft2(buf)
+            spec *= kernels.spectrum(lam, s, p, p)
+            parts = torch.fft.irfft2(spec, s=(p, p))[:, :, :tile + 2 * margin, :tile + 2 * margin]
+            out = x.new_zeros(c, ny * tile + 2 * margin, nx * tile + 2 * margin)
+            for (ty, tx), part in zip(active.tolist(), parts, strict=True):
+                out[:, ty * tile:(ty + 1) * tile + 2 * margin, tx * tile:(tx + 1) * tile + 2 * margin] += part
+            return out[:, :oh, :ow]
     fh, fw = _nice(oh), _nice(ow)
     buf = torch.zeros(x.shape[0], fh, fw, dtype=x.dtype, device=x.device)
     buf[:, margin:margin + h, margin:margin + w] = x
@@ -213,40 +234,67 @@ def _halve(x: Tensor) -> Tensor:
     for dim in (1, 2):
         n = x.shape[dim]
         half = (n + 1) // 2
-        pad = [0, 0, 0, 0]
-        pad[2 * (2 - dim)] = 1
-        pad[2 * (2 - dim) + 1] = 2 * half + 2 - n - 1
-        xp = F.pad(x, pad)
-        a, b, c, d = (xp[(slice(None),) * dim + (slice(o, o + 2 * half - 1, 2),)] for o in range(4))
-        x = (a + d).add_(b + c, alpha=3.0).mul_(0.125)
+
+        def sl(start: int, stop: int | None = None, step: int = 2, d: int = dim) -> tuple[slice, ...]:
+            return (slice(None),) * d + (slice(start, stop, step),)
+
+        out = x[sl(0)].mul(3.0)
+        out[sl(0, n // 2, 1)] += x[sl(1)].mul(3.0)
+        if half > 1:
+            out[sl(1, None, 1)] += x[sl(1, 2 * half - 2)]
+            out[sl(0, half - 1, 1)] += x[sl(2)][sl(0, half - 1, 1)]
+        x = out.mul_(0.125)
     return x
 
 
-def _pull_push(value: Tensor, weight: Tensor, relax: int = 0) -> Tensor:
+def _relax(val: Tensor, value: Tensor, free: Tensor, sweeps: int) -> Tensor:
+    """Jacobi sweeps of Laplace's equation where ``free > 0`` (``val = value + free * mean of 4 neighbours``).
+
+    The border is reflective (a missing neighbour counts as the cell itself).
+    """
+    for _ in range(sweeps):
+        nb = val.clone()
+        nb[:, 1:] = val[:, :-1]
+        nb[:, :-1] += val[:, 1:]
+        nb[:, -1] += val[:, -1]
+        nb[:, :, 1:] += val[:, :, :-1]
+        nb[:, :, 0] += val[:, :, 0]
+        nb[:, :, :-1] += val[:, :, 1:]
+        nb[:, :, -1] += val[:, :, -1]
+        val = nb.mul_(0.25).mul_(free).add_(value)
+    return val
+
+
+def _pull_push(value: Tensor, weight: Tensor, relax: int = 0, groups: list[int] | None = None) -> Tensor:
     """Extrapolate ``value / weight`` everywhere (pull-push).
 
-    ``value``: ``(C, h, w)`` premultiplied by ``weight`` (``(1, h, w)`` or ``(C, h, w)``, in [0, 1]).
-    Known cells keep their value; unknown ones take the weighted average of ever coarser
-    neighbourhoods, blended in with bilinear weights. With ``relax > 0``, every level but the
-    finest then gets ``relax`` Jacobi sweeps of Laplace's equation over its holes: the fill tends
-    to the harmonic one, which continues linear trends that plain pull-push flattens.
+    ``value``: ``(C, h, w)`` premultiplied by its weight; ``weight``: ``(G, h, w)`` in [0, 1], channel
+    ``c`` of ``value`` using ``weight[groups[c]]`` (default: ``G == 1`` or ``G == C``). Known cells
+    keep their value; unknown ones take the weighted average of ever coarser neighbourhoods,
+    blended in with bilinear weights. With ``relax > 0``, every level but the finest then gets
+    ``relax`` Jacobi sweeps of Laplace's equation over its holes: the fill tends to the harmonic
+    one, which continues linear trends that plain pull-push flattens.
     """
+    pick = None if groups is None else torch.tensor(groups, device=value.device)
+
+    def per_channel(w: Tensor) -> Tensor:
+        return w if pick is None else w.index_select(0, pick)
+
     levels = []
     while max(value.shape[-2:]) > 1 and float(weight.amin()) <= 0.0:
         levels.append((value, weight))
         value, weight = _halve(value), _halve(weight)
+    weight = per_channel(weight)
     total = weight.sum(dim=(1, 2), keepdim=True)
     mean = value.sum(dim=(1, 2), keepdim=True) / total.clamp_min(1e-12)
     val = torch.where(weight > 0, value / weight.clamp_min(1e-12), mean)
     for depth, (value, weight) in enumerate(reversed(levels)):
         h, w = value.shape[-2:]
         up = F.interpolate(val[None], scale_factor=2, mode="bilinear", align_corners=False)[0, :, :h, :w]
-        free = 1.0 - weight.clamp(0.0, 1.0)
+        free = per_channel(1.0 - weight.clamp(0.0, 1.0))
         val = up.mul_(free).add_(value)
-        for _ in range(relax if depth < len(levels) - 1 else 0):
-            p = F.pad(val[None], (1, 1, 1, 1), mode="replicate")[0]
-            val = (p[:, :-2, 1:-1] + p[:, 2:, 1:-1] + p[:, 1:-1, :-2] + p[:, 1:-1, 2:]).mul_(0.25 * free)
-            val.add_(value)
+        if depth < len(levels) - 1:
+            val = _relax(val, value, free, relax)
     return val
 
 
@@ -348,23 +396,44 @@ def _upsample(x: Tensor, s: int, shape: tuple[int, int]) -> Tensor:
     return up[:, :shape[0], :shape[1]]
 
 
-def _fill_fields(x: Tensor, occ: Tensor, reach: float) -> Tensor:
-    """Hidden-surface fields ``(4, h, w)``: extrapolated colour, and the share times the reach mask.
+def _add_hidden_surface(x: Tensor, occ: Tensor, reach: float) -> None:
+    """Add to the layer ``x`` (premultiplied RGBA ``(4, h, w)``) the surface hidden by its occluders.
 
-    ``x``: the layer's own premultiplied RGBA; ``occ``: fraction covered by its occluders. Behind
-    occluders the layer continues with its own colours extrapolated (pull-push) and with the share
-    of the hidden surface it had among the nearby non-occluding pixels (1 behind a depth step, 0
-    behind a continuous depth ramp), up to ``reach`` cells from its own pixels.
+    ``occ`` ``(1, h, w)`` is the fraction of each cell covered by the layer's occluders. Behind
+    them the layer continues with its own colours extrapolated (pull-push with harmonic relaxation)
+    and with the share of the hidden surface it had among the nearby non-occluding pixels (1 behind
+    a depth step, 0 behind a continuous depth ramp), up to ``reach`` cells from its own pixels.
+    Both are smooth guesses, computed on a grid twice as coarse.
     """
     h, w = x.shape[-2:]
-    if min(h, w) >= 8:  # the colour guess is smooth: extrapolate it on a grid twice as coarse
-        colour = _pull_push(_halve(x[:3]), _halve(x[3:4]), relax=_RELAX)
-        colour = F.interpolate(colour[None], scale_factor=2, mode="bilinear", align_corners=False)
-        colour = colour[0, :, :h, :w]
-    else:
-        colour = _pull_push(x[:3], x[3:4], relax=_RELAX)
-    share = _pull_push(x[3:4], 1.0 - occ).clamp_(0.0, 1.0).mul_(_dilate(x[3] > 0, reach))
-    return torch.cat([colour, share])
+    q = 2 if min(h, w) >= 8 else 1
+    both = torch.cat([x, occ])
+    if q > 1:  # box average to the coarse grid (zero padding: outside is empty)
+        both = F.pad(both, (0, w % 2, 0, h % 2))
+        both = (both[:, 0::2, 0::2] + both[:, 1::2, 0::2]).add_(both[:, 0::2, 1::2]).add_(both[:, 1::2, 1::2])
+        both.mul_(0.25)
+    alpha, occ_c = both[3:4], both[4:5]
+    need = (occ_c[0] > 0) & _dilate(alpha[0] > 0, reach / q)
+    rows = torch.nonzero(need.any(dim=1)).flatten()
+    if len(rows) == 0:
+        return
+    cols = torch.nonzero(need.any(dim=0)).flatten()
+    fields = _pull_push(both[:4], torch.cat([alpha, 1.0 - occ_c]), relax=_RELAX, groups=[0, 0, 0, 1])
+    fields[3:4].clamp_(0.0, 1.0)
+    fields[3:4] *= need
+    # back to the layer's grid over the needed region only (one coarse cell of margin)
+    hc, wc = need.shape
+    y0, y1 = max(0, int(rows[0]) - 1), min(hc, int(rows[-1]) + 2)
+    x0, x1 = max(0, int(cols[0]) - 1), min(wc, int(cols[-1]) + 2)
+    part = fields[:, y0:y1, x0:x1]
+    if q > 1:
+        part = F.interpolate(part[None], scale_factor=q, mode="bilinear", align_corners=False)[0]
+    fy0, fx0 = y0 * q, x0 * q
+    fy1, fx1 = min(h, y1 * q), min(w, x1 * q)
+    part = part[:, :fy1 - fy0, :fx1 - fx0]
+    hidden = occ[:, fy0:fy1, fx0:fx1] * part[3:4]
+    x[:3, fy0:fy1, fx0:fx1].addcmul_(part[:3], hidden)
+    x[3:4, fy0:fy1, fx0:fx1] += hidden
 
 
 def _layer_rgba(frame: _Frame, index: int, s: int,
@@ -408,10 +477,7 @@ def _layer_rgba(frame: _Frame, index: int, s: int,
         occ = x[4:5]
         x = x[:4]
         if float(occ.amax()) > 0.0:
-            fields = _fill_fields(x, occ, reach / s)
-            hidden = occ * fields[3:4]
-            x[:3].addcmul_(fields[:3], hidden)
-            x[3:4] += hidden
+            _add_hidden_surface(x, occ, reach / s)
     alpha_any = x[3] > 0
     ys = torch.nonzero(alpha_any.any(dim=1)).flatten()
     if len(ys) == 0:

@@ -368,7 +368,7 @@ def _prepare(lin: Tensor, coc: Tensor, r0: float) -> _Frame:
     t = ((coc - lower) / (upper - lower)).clamp_(0.0, 1.0)
     beta = nb - i  # bin index in descending order: between radii[beta] and radii[beta + 1]
     boxes = _bin_boxes(beta, nb)
-    grid = max(_level(abs(r), r0) for r in radii)
+    grid = 2 * max(_level(abs(r), r0) for r in radii)
     h, w = coc.shape
     hp, wp = -(-h // grid) * grid, -(-w // grid) * grid
     if (hp, wp) != (h, w):
@@ -396,44 +396,37 @@ def _upsample(x: Tensor, s: int, shape: tuple[int, int]) -> Tensor:
     return up[:, :shape[0], :shape[1]]
 
 
-def _add_hidden_surface(x: Tensor, occ: Tensor, reach: float) -> None:
-    """Add to the layer ``x`` (premultiplied RGBA ``(4, h, w)``) the surface hidden by its occluders.
+def _add_hidden_surface(x: Tensor, reach: float) -> None:
+    """Add to a layer the surface hidden by its occluders, in place.
 
-    ``occ`` ``(1, h, w)`` is the fraction of each cell covered by the layer's occluders. Behind
-    them the layer continues with its own colours extrapolated (pull-push with harmonic relaxation)
-    and with the share of the hidden surface it had among the nearby non-occluding pixels (1 behind
-    a depth step, 0 behind a continuous depth ramp), up to ``reach`` cells from its own pixels.
-    Both are smooth guesses, computed on a grid twice as coarse.
+    ``x``: ``(5, h, w)``, the layer's premultiplied RGBA and the fraction of each cell covered by its
+    occluders (``h``, ``w`` even). Behind the occluders the layer continues with its own colours
+    extrapolated (pull-push with harmonic relaxation) and with the share of the hidden surface it
+    had among the nearby non-occluding pixels (1 behind a depth step, 0 behind a continuous depth
+    ramp), up to ``reach`` cells from its own pixels. Both are smooth guesses, computed on a grid
+    twice as coarse.
     """
-    h, w = x.shape[-2:]
-    q = 2 if min(h, w) >= 8 else 1
-    both = torch.cat([x, occ])
-    if q > 1:  # box average to the coarse grid (zero padding: outside is empty)
-        both = F.pad(both, (0, w % 2, 0, h % 2))
-        both = (both[:, 0::2, 0::2] + both[:, 1::2, 0::2]).add_(both[:, 0::2, 1::2]).add_(both[:, 1::2, 1::2])
-        both.mul_(0.25)
-    alpha, occ_c = both[3:4], both[4:5]
-    need = (occ_c[0] > 0) & _dilate(alpha[0] > 0, reach / q)
+    coarse = (x[:, 0::2, 0::2] + x[:, 1::2, 0::2]).add_(x[:, 0::2, 1::2]).add_(x[:, 1::2, 1::2]).mul_(0.25)
+    alpha, occ_c = coarse[3:4], coarse[4:5]
+    near = _dilate(alpha[0] > 0, reach / 2)
+    need = (occ_c[0] > 0) & near
     rows = torch.nonzero(need.any(dim=1)).flatten()
     if len(rows) == 0:
         return
     cols = torch.nonzero(need.any(dim=0)).flatten()
-    fields = _pull_push(both[:4], torch.cat([alpha, 1.0 - occ_c]), relax=_RELAX, groups=[0, 0, 0, 1])
+    fields = _pull_push(coarse[:4], torch.cat([alpha, 1.0 - occ_c]), relax=_RELAX, groups=[0, 0, 0, 1])
     fields[3:4].clamp_(0.0, 1.0)
-    fields[3:4] *= need
+    fields[3:4] *= near
     # back to the layer's grid over the needed region only (one coarse cell of margin)
     hc, wc = need.shape
     y0, y1 = max(0, int(rows[0]) - 1), min(hc, int(rows[-1]) + 2)
     x0, x1 = max(0, int(cols[0]) - 1), min(wc, int(cols[-1]) + 2)
-    part = fields[:, y0:y1, x0:x1]
-    if q > 1:
-        part = F.interpolate(part[None], scale_factor=q, mode="bilinear", align_corners=False)[0]
-    fy0, fx0 = y0 * q, x0 * q
-    fy1, fx1 = min(h, y1 * q), min(w, x1 * q)
-    part = part[:, :fy1 - fy0, :fx1 - fx0]
-    hidden = occ[:, fy0:fy1, fx0:fx1] * part[3:4]
-    x[:3, fy0:fy1, fx0:fx1].addcmul_(part[:3], hidden)
-    x[3:4, fy0:fy1, fx0:fx1] += hidden
+    part = F.interpolate(fields[None, :, y0:y1, x0:x1], scale_factor=2, mode="bilinear",
+                         align_corners=False)[0]
+    ys, xs = slice(2 * y0, 2 * y1), slice(2 * x0, 2 * x1)
+    hidden = x[4:5, ys, xs] * part[3:4]
+    x[:3, ys, xs].addcmul_(part[:3], hidden)
+    x[3:4, ys, xs] += hidden
 
 
 def _layer_rgba(frame: _Frame, index: int, s: int,
@@ -459,8 +452,9 @@ def _layer_rgba(frame: _Frame, index: int, s: int,
         for b in frame.boxes[:max(0, index - 1)]
     )
     m = reach if occluded else 0
-    wy0, wx0 = max(0, y0 - m) // s * s, max(0, x0 - m) // s * s
-    wy1, wx1 = min(hp, -(-(y1 + m) // s) * s), min(wp, -(-(x1 + m) // s) * s)
+    g = 2 * s  # even number of cells: the hidden-surface fill halves the grid
+    wy0, wx0 = max(0, y0 - m) // g * g, max(0, x0 - m) // g * g
+    wy1, wx1 = min(hp, -(-(y1 + m) // g) * g), min(wp, -(-(x1 + m) // g) * g)
     beta = frame.beta[wy0:wy1, wx0:wx1]
     lin = frame.lin[:, wy0:wy1, wx0:wx1]
     t = frame.t[wy0:wy1, wx0:wx1]
@@ -474,10 +468,9 @@ def _layer_rgba(frame: _Frame, index: int, s: int,
         x[4] = torch.where(beta <= index - 3, 1.0, torch.where(beta == index - 2, t, 0.0))
     x = _downsample(x, s)
     if occluded:
-        occ = x[4:5]
+        if float(x[4].amax()) > 0.0:
+            _add_hidden_surface(x, reach / s)
         x = x[:4]
-        if float(occ.amax()) > 0.0:
-            _add_hidden_surface(x, occ, reach / s)
     alpha_any = x[3] > 0
     ys = torch.nonzero(alpha_any.any(dim=1)).flatten()
     if len(ys) == 0:

@@ -23,21 +23,25 @@ Algorithm (the brute-force scatter's result, a fraction of its work, no per-pixe
    into padded accumulators (no bounds tests; the padding is cropped, as BokehMe skips taps
    outside the image). Within one call no two sources hit the same target, so the result does not
    depend on the order of additions, on CUDA as well. The eight mirror images of a disc offset
-   share their weights (computed once).
-3. Where ``rho - delta >= 1.5`` px the tanh edge has saturated (weight within ``6e-6`` of the
-   constant ``1 / (r**2 + 0.2)``; a bias that scales a source's C and W alike): that *interior* is
-   added as per-row spans, start and end marks in a float64 difference buffer that one prefix sum
-   along the rows turns into the spans, ``O(r)`` per source instead of ``O(r**2)``. Taps with
-   ``rho - delta < -2`` px weigh less than ``1.1e-7`` of a full tap and are skipped (BokehMe's
-   float32 ``tanhf`` rounds them to 0 from about 2.25 px). Only a ring about 3.5 px wide around
-   each disc edge is computed tap by tap. float64 inputs use 4.6 px margins (errors below 1e-16).
+   share their weights (computed once). Offsets whose sources fill much of the image (the small
+   ones, which every window reaches) are cheaper as masked whole-row shifted adds, in strips of
+   rows that stay in cache; a cost model picks one of the two per offset group.
+3. For ``r >= 5`` px, where ``rho - delta >= 1.5`` px the tanh edge has saturated (weight within
+   ``6e-6`` of the constant ``1 / (r**2 + 0.2)``; a bias that scales a source's C and W alike):
+   that *interior* is added as per-row spans, start and end marks in a float64 difference buffer
+   that one prefix sum along the rows turns into the spans, ``O(r)`` per source instead of
+   ``O(r**2)``. Taps with ``rho - delta < -2`` px weigh less than ``1.1e-7`` of a full tap and are
+   skipped (BokehMe's float32 ``tanhf`` rounds them to 0 from about 2.25 px). Only a ring about
+   3.5 px wide around each disc edge is computed tap by tap. float64 inputs use 4.6 px margins
+   (errors below 1e-16).
 
-Accuracy: against a float64 brute-force scatter, the float32 result is off by ~6e-8 on average
+Accuracy: against a float64 brute-force scatter, the float32 result is off by ~7e-8 on average
 (the float32 brute force by ~2e-6: it accumulates 10^3 taps per pixel in float32). Work is about
-``7 pi r`` taps plus ``4 r`` span marks per source; memory ``O(HW)``. On CPU the tap loop runs in
-chunks below torch's intra-op grain on ``min(4, torch.get_num_threads())`` Python threads, each
-with its own accumulator, summed in a fixed order: no OpenMP barrier per small op (which stalls
-when other processes share the cores), and bitwise reproducible for a given thread count.
+``7 pi r`` taps plus ``4 r`` span marks per source (BokehMe: ``(2r + 3)**2`` taps); memory
+``O(HW)``. On CPU the scattered taps run in chunks below torch's intra-op grain on
+``min(4, torch.get_num_threads())`` Python threads, each with its own accumulator, summed in a
+fixed order: no OpenMP barrier per small op (which stalls when other processes share the cores),
+and bitwise reproducible for a given thread count.
 """
 
 from __future__ import annotations

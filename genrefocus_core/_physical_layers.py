@@ -1,0 +1,568 @@
+"""Layers of the "physical" renderer: decomposition, hidden-surface fill and blur of one layer.
+
+Private helper of :mod:`genrefocus_core._render_physical` (see its module docstring for the
+model). This module turns one image into layers of signed blur radius ``lambda`` and returns, for
+one layer, its blurred premultiplied RGBA on the layer's grid (``1/s`` resolution).
+
+Work is sparse: a layer is processed on the 64-cell tiles that hold its pixels or the hidden
+surface behind its occluders (layers of real depth maps are thin bands along depth contours),
+except on coarse grids (``s >= 4``), which are small enough to process as one window.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .aperture import Aperture, aperture_kernel
+
+#: Radii (px) of the first layers after 0; geometric growth by :data:`RATIO` after the last one.
+FINE = (0.5, 1.0, 2.0)
+RATIO = 1.3
+#: A layer of radius ``r >= 2 r0`` is blurred at ``1/s`` resolution, ``s = 2^floor(log2(r / r0))``,
+#: so its kernel spans 4..8 px there (8..16 px for shaped apertures, to keep their outline).
+R0 = 4.0
+R0_SHAPED = 8.0
+#: Tile side (cells) of the sparse path, used on grids up to ``TILED_LEVELS``.
+TILE = 64
+TILED_LEVELS = 2
+#: Jacobi sweeps per pyramid level of the hidden-surface colour fill.
+RELAX = 8
+
+
+# ----------------------------------------------------------------------------------------------
+# Radii, levels, kernels
+# ----------------------------------------------------------------------------------------------
+
+
+def magnitudes(limit: float) -> list[float]:
+    """Layer radii 0, 0.5, 1, 2, 2.6, ... up to the first one >= ``limit``."""
+    mags = [0.0]
+    while mags[-1] < limit:
+        mags.append(FINE[len(mags) - 1] if len(mags) <= len(FINE) else mags[-1] * RATIO)
+    return mags
+
+
+def layer_radii(c_min: float, c_max: float) -> list[float]:
+    """Signed layer radii, descending (front to back), covering ``[c_min, c_max]``."""
+    pos = magnitudes(c_max) if c_max > 0 else [0.0]
+    neg = magnitudes(-c_min) if c_min < 0 else [0.0]
+    return [*reversed(pos), *(-m for m in neg[1:])]
+
+
+def level(radius: float, r0: float) -> int:
+    """Downsampling factor of a layer of blur radius ``radius`` (px)."""
+    if radius < 2.0 * r0:
+        return 1
+    return 2 ** math.floor(math.log2(radius / r0))
+
+
+def _nice(n: int) -> int:
+    """A fast real-FFT length >= ``n``: ``m * 2^k`` with ``m`` in 1, 3, 5, 7, 9 (odd lengths are slow)."""
+    return min(m << max(0, math.ceil(math.log2(n / m))) for m in (1, 3, 5, 7, 9))
+
+
+class Kernels:
+    """Aperture kernels and their spectra for one render (cached per radius, level and FFT size)."""
+
+    def __init__(self, aperture: Aperture | None, dtype: torch.dtype, device: torch.device) -> None:
+        self.aperture = aperture
+        self.dtype = dtype
+        self.device = device
+        self._k: dict[tuple[float, int], Tensor] = {}
+        self._f: dict[tuple[float, int, int, int], Tensor] = {}
+        probe = aperture_kernel(aperture, 32.0)
+        #: farthest kernel pixel relative to the radius (> 1 for equal-area shapes)
+        self.extent = (probe.shape[-1] // 2 + 0.5) / 32.0
+
+    def kernel(self, lam: float, s: int) -> Tensor:
+        key = (lam, s)
+        k = self._k.get(key)
+        if k is None:
+            r = abs(lam)
+            if s > 1:
+                # area-downsampling, the coarser kernel raster and bilinear upsampling add about
+                # s^2/3 - 1/4 px^2 of variance per axis; a disc of radius r has r^2/4
+                r = math.sqrt(max(r * r - 4.0 * (s * s / 3.0 - 0.25), 0.25 * r * r)) / s
+            k = aperture_kernel(self.aperture, r, foreground=lam > 0, dtype=self.dtype, device=self.device)
+            self._k[key] = k
+        return k
+
+    def half(self, lam: float, s: int) -> int:
+        return self.kernel(lam, s).shape[-1] // 2
+
+    def spectrum(self, lam: float, s: int, fh: int, fw: int) -> Tensor:
+        key = (lam, s, fh, fw)
+        spec = self._f.get(key)
+        if spec is None:
+            k = self.kernel(lam, s)
+            n = k.shape[-1]
+            pad = torch.zeros(fh, fw, dtype=self.dtype, device=self.device)
+            pad[:n, :n] = k
+            spec = torch.fft.rfft2(torch.roll(pad, shifts=(-(n // 2), -(n // 2)), dims=(0, 1)))
+            self._f[key] = spec
+        return spec
+
+
+def _convolve(x: Tensor, lam: float, s: int, kernels: Kernels) -> Tensor:
+    """Linear convolution of ``x`` ``(..., C, h, w)`` with ``K(lam)``; each side grows by its half-size."""
+    h, w = x.shape[-2:]
+    r = kernels.half(lam, s)
+    if r == 0:
+        return x
+    if r == 1:  # 3x3: nine shifted multiply-adds beat an FFT
+        k = kernels.kernel(lam, s).tolist()
+        out = x.new_zeros(*x.shape[:-2], h + 2, w + 2)
+        for i in range(3):
+            for j in range(3):
+                if k[i][j] != 0.0:
+                    out[..., i:i + h, j:j + w].add_(x, alpha=k[i][j])
+        return out
+    fh, fw = _nice(h + 2 * r), _nice(w + 2 * r)
+    buf = x.new_zeros(*x.shape[:-2], fh, fw)
+    buf[..., r:r + h, r:r + w] = x
+    spec = torch.fft.rfft2(buf)
+    spec *= kernels.spectrum(lam, s, fh, fw)
+    return torch.fft.irfft2(spec, s=(fh, fw))[..., :h + 2 * r, :w + 2 * r]
+
+
+# ----------------------------------------------------------------------------------------------
+# Hidden-surface fill
+# ----------------------------------------------------------------------------------------------
+
+
+def _box2(x: Tensor) -> Tensor:
+    """2x2 box average of ``(..., h, w)`` with even ``h``, ``w``."""
+    out = (x[..., 0::2, 0::2] + x[..., 1::2, 0::2]).add_(x[..., 0::2, 1::2]).add_(x[..., 1::2, 1::2])
+    return out.mul_(0.25)
+
+
+def _halve(x: Tensor) -> Tensor:
+    """Smooth 2x decimation of ``(C, h, w)``: separable [1, 3, 3, 1] / 8 filter, stride 2.
+
+    Its support straddles cell borders, so what is known near the edge of a hole reaches the
+    coarser cells over the hole (a box filter would stop at power-of-two boundaries). Beyond the
+    array everything is empty (zero).
+    """
+    for dim in (1, 2):
+        n = x.shape[dim]
+        half = (n + 1) // 2
+
+        def sl(start: int, stop: int | None = None, step: int = 2, d: int = dim) -> tuple[slice, ...]:
+            return (slice(None),) * d + (slice(start, stop, step),)
+
+        out = x[sl(0)].mul(3.0)
+        out[sl(0, n // 2, 1)] += x[sl(1)].mul(3.0)
+        if half > 1:
+            out[sl(1, None, 1)] += x[sl(1, 2 * half - 2)]
+            out[sl(0, half - 1, 1)] += x[sl(2)][sl(0, half - 1, 1)]
+        x = out.mul_(0.125)
+    return x
+
+
+def _relax(val: Tensor, value: Tensor, free: Tensor, sweeps: int) -> Tensor:
+    """Jacobi sweeps of Laplace's equation: ``val = value + free * (mean of the 4 neighbours)``.
+
+    The border is reflective (a missing neighbour counts as the cell itself).
+    """
+    for _ in range(sweeps):
+        nb = val.clone()
+        nb[:, 1:] = val[:, :-1]
+        nb[:, :-1] += val[:, 1:]
+        nb[:, -1] += val[:, -1]
+        nb[:, :, 1:] += val[:, :, :-1]
+        nb[:, :, 0] += val[:, :, 0]
+        nb[:, :, :-1] += val[:, :, 1:]
+        nb[:, :, -1] += val[:, :, -1]
+        val = nb.mul_(0.25).mul_(free).add_(value)
+    return val
+
+
+def _pull_push(value: Tensor, weight: Tensor, relax: int = 0, groups: list[int] | None = None) -> Tensor:
+    """Extrapolate ``value / weight`` everywhere (pull-push).
+
+    ``value``: ``(C, h, w)`` premultiplied by its weight; ``weight``: ``(G, h, w)`` in [0, 1], channel
+    ``c`` of ``value`` using ``weight[groups[c]]`` (default: ``G == 1`` or ``G == C``). Known cells
+    keep their value; unknown ones take the weighted average of ever coarser neighbourhoods,
+    blended in with bilinear weights. With ``relax > 0``, every level but the finest then gets
+    ``relax`` Jacobi sweeps of Laplace's equation over its holes: the fill tends to the harmonic
+    one, which continues linear trends that plain pull-push flattens.
+    """
+    pick = None if groups is None else torch.tensor(groups, device=value.device)
+
+    def per_channel(w: Tensor) -> Tensor:
+        return w if pick is None else w.index_select(0, pick)
+
+    levels = []
+    while max(value.shape[-2:]) > 1 and float(weight.amin()) <= 0.0:
+        levels.append((value, weight))
+        value, weight = _halve(value), _halve(weight)
+    weight = per_channel(weight)
+    total = weight.sum(dim=(1, 2), keepdim=True)
+    mean = value.sum(dim=(1, 2), keepdim=True) / total.clamp_min(1e-12)
+    val = torch.where(weight > 0, value / weight.clamp_min(1e-12), mean)
+    for depth, (value, weight) in enumerate(reversed(levels)):
+        h, w = value.shape[-2:]
+        up = F.interpolate(val[None], scale_factor=2, mode="bilinear", align_corners=False)[0, :, :h, :w]
+        free = per_channel(1.0 - weight.clamp(0.0, 1.0))
+        val = up.mul_(free).add_(value)
+        if depth < len(levels) - 1:
+            val = _relax(val, value, free, relax)
+    return val
+
+
+def _dilate(mask: Tensor, radius: float) -> Tensor:
+    """Binary ``(h, w)`` mask grown by at least ``radius`` cells (square), cheaply at a coarse grid."""
+    if radius <= 0:
+        return mask
+    q = 1
+    while radius / q > 4 and min(mask.shape) > 2 * q:
+        q *= 2
+    m = mask[None, None].to(torch.float32 if mask.device.type == "cpu" else torch.float16)
+    if q > 1:
+        m = F.max_pool2d(m, q, ceil_mode=True)
+    k = math.ceil(radius / q) + (1 if q > 1 else 0)
+    m = F.max_pool2d(m, 2 * k + 1, stride=1, padding=k)
+    if q > 1:
+        m = m.repeat_interleave(q, dim=2).repeat_interleave(q, dim=3)[..., :mask.shape[0], :mask.shape[1]]
+    return m[0, 0] > 0
+
+
+def _fill_fields(coarse: Tensor, reach: float) -> Tensor:
+    """Hidden-surface fields on a coarse grid: extrapolated colour and the hidden share.
+
+    ``coarse``: ``(6, h, w)``, the layer's premultiplied RGBA, the fraction of each cell covered by
+    its occluders and the fraction outside the image (unknown, like occluded cells). Behind the
+    occluders the layer continues with its own colours extrapolated (pull-push with harmonic
+    relaxation) and with the share of the hidden surface it had among the nearby non-occluding
+    pixels (1 behind a depth step, 0 behind a continuous depth ramp), up to ``reach`` cells from
+    its own pixels. Returns ``(4, h, w)``: colour and share.
+    """
+    alpha, occ, outside = coarse[3:4], coarse[4:5], coarse[5:6]
+    known = (1.0 - occ - outside).clamp_(0.0, 1.0)
+    fields = _pull_push(coarse[:4], torch.cat([alpha, known]), relax=RELAX, groups=[0, 0, 0, 1])
+    fields[3:4].clamp_(0.0, 1.0)
+    fields[3:4] *= _dilate(alpha[0] > 0, reach)
+    return fields
+
+
+# ----------------------------------------------------------------------------------------------
+# Frame: per-image decomposition
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Frame:
+    """One image split into layers, padded to whole tiles (the padding holds no surface).
+
+    A pixel between layers ``beta`` and ``beta + 1`` (its *bin*) belongs to layer ``beta`` with
+    share ``t`` and to ``beta + 1`` with ``u = 1 - t``.
+    """
+
+    lin: Tensor  # (3, H, W) linear colour
+    beta: Tensor  # (H, W) int16 bin; len(radii) + 1 in the padding
+    t: Tensor  # (H, W)
+    u: Tensor  # (H, W)
+    radii: list[float]  # signed layer radii, descending
+    r0: float
+    boxes: list[tuple[int, int, int, int] | None]  # per bin: bounding box (y0, y1, x0, x1) or None
+    presence: Tensor  # (nb, H / TILE, W / TILE) bool: bin has pixels in the full-resolution tile
+    below: Tensor  # (nb, H / TILE, W / TILE) bool: a bin <= this one has pixels in the tile
+    c_max: float
+    height: int
+    width: int
+
+
+def _bin_boxes(beta: Tensor, nb: int) -> list[tuple[int, int, int, int] | None]:
+    """Bounding box of each bin's pixels (``None`` when empty)."""
+    h, w = beta.shape
+    rows = torch.zeros(h, nb, dtype=torch.uint8, device=beta.device).scatter_(1, beta, 1).t().bool()
+    cols = torch.zeros(w, nb, dtype=torch.uint8, device=beta.device).scatter_(1, beta.t(), 1).t().bool()
+    ar_h = torch.arange(h, device=beta.device)
+    ar_w = torch.arange(w, device=beta.device)
+    big = max(h, w) + 1
+    stats = torch.stack([
+        torch.where(rows, ar_h, big).amin(dim=1), torch.where(rows, ar_h, -1).amax(dim=1),
+        torch.where(cols, ar_w, big).amin(dim=1), torch.where(cols, ar_w, -1).amax(dim=1),
+    ]).t().tolist()
+    return [(y0, y1 + 1, x0, x1 + 1) if y1 >= 0 else None for y0, y1, x0, x1 in stats]
+
+
+def _tile_presence(beta: Tensor, nb: int) -> Tensor:
+    """``(nb, H / TILE, W / TILE)``: which bins have pixels in each tile (``H``, ``W`` multiples of TILE)."""
+    h, w = beta.shape
+    ny, nx = h // TILE, w // TILE
+    tile = (torch.arange(h, device=beta.device) // TILE).view(h, 1) * nx + (
+        torch.arange(w, device=beta.device) // TILE).view(1, w)
+    flat = torch.zeros(ny * nx * (nb + 1), dtype=torch.bool, device=beta.device)
+    flat[(tile * (nb + 1) + beta.clamp(max=nb).long()).flatten()] = True
+    return flat.view(ny, nx, nb + 1)[..., :nb].permute(2, 0, 1)
+
+
+def prepare(lin: Tensor, coc: Tensor, r0: float) -> Frame:
+    """Split an image (linear colour ``(3, H, W)``, signed CoC ``(H, W)``) into layers."""
+    c_min, c_max = float(coc.amin()), float(coc.amax())
+    radii = layer_radii(c_min, c_max)
+    nb = len(radii) - 1
+    asc = torch.tensor(radii[::-1], dtype=coc.dtype, device=coc.device)
+    i = torch.bucketize(coc, asc).clamp_(1, nb)  # asc[i-1] < c <= asc[i]
+    lower, upper = asc[i - 1], asc[i]
+    t = ((coc - lower) / (upper - lower)).clamp_(0.0, 1.0)
+    beta = nb - i  # bin index in descending order: between radii[beta] and radii[beta + 1]
+    boxes = _bin_boxes(beta, nb)
+    grid = max(TILE * TILED_LEVELS, 2 * max(level(abs(r), r0) for r in radii))
+    h, w = coc.shape
+    hp, wp = -(-h // grid) * grid, -(-w // grid) * grid
+    if (hp, wp) != (h, w):
+        lin = F.pad(lin, (0, wp - w, 0, hp - h))
+        t = F.pad(t, (0, wp - w, 0, hp - h))
+        beta = F.pad(beta, (0, wp - w, 0, hp - h), value=nb + 1)
+    presence = _tile_presence(beta, nb)
+    below = presence.cummax(dim=0).values
+    return Frame(lin, beta.to(torch.int16), t, 1.0 - t, radii, r0, boxes, presence, below,
+                 max(c_max, 0.0), h, w)
+
+
+def _content(beta: Tensor, t: Tensor, u: Tensor, lin: Tensor, index: int, occluded: bool, nb: int) -> Tensor:
+    """Layer content at full resolution: premultiplied RGBA (channels 0-3).
+
+    With ``occluded``, two more channels: the pixels' share in layers at least two layers nearer
+    (they occlude this one) and the padding beyond the image (``beta > nb``). Shapes: ``beta``,
+    ``t``, ``u`` ``(..., h, w)``, ``lin`` ``(..., 3, h, w)``; returns ``(..., 4 or 6, h, w)``.
+    """
+    share = torch.where(beta == index, t, torch.where(beta == index - 1, u, 0.0))
+    x = lin.new_empty(*lin.shape[:-3], 6 if occluded else 4, *lin.shape[-2:])
+    torch.mul(lin, share.unsqueeze(-3), out=x[..., :3, :, :])
+    x[..., 3, :, :] = share
+    if occluded:
+        x[..., 4, :, :] = torch.where(beta <= index - 3, 1.0, torch.where(beta == index - 2, t, 0.0))
+        x[..., 5, :, :] = beta > nb
+    return x
+
+
+def _own_tiles(frame: Frame, index: int) -> Tensor:
+    """Full-resolution tiles that hold pixels of layer ``index`` (bins ``index - 1`` and ``index``)."""
+    nb = len(frame.radii) - 1
+    own = torch.zeros_like(frame.presence[0])
+    for b in (index - 1, index):
+        if 0 <= b < nb and frame.boxes[b] is not None:
+            own |= frame.presence[b]
+    return own
+
+
+def _reach(frame: Frame, index: int, kernels: Kernels, own: Tensor) -> int:
+    """Distance (px) from a layer's pixels up to which a hidden surface behind its occluders is seen.
+
+    A ray sees a point hidden ``d`` px behind an occluder of blur ``r_o`` if ``d <= r_o + |lambda|``
+    (about, scaled by the aperture's extent). ``r_o`` is the largest blur among the occluders near
+    the layer's tiles (refined twice from the image-wide maximum); 0 when nothing occludes it.
+    """
+    if index < 2:
+        return 0
+    lam = abs(frame.radii[index])
+    blur = [max(abs(frame.radii[b]), abs(frame.radii[b + 1])) for b in range(index - 1)]
+    reach = math.ceil((max(frame.c_max, lam) + lam) * kernels.extent) + 2
+    for _ in range(3):
+        region = _dilate(own, reach / TILE)
+        present = (frame.presence[:index - 1] & region).flatten(1).any(dim=1).tolist()
+        worst = max((r for r, p in zip(blur, present, strict=True) if p), default=None)
+        if worst is None:
+            return 0
+        refined = math.ceil((worst + lam) * kernels.extent) + 2
+        if refined >= reach:
+            break
+        reach = refined
+    return reach
+
+
+# ----------------------------------------------------------------------------------------------
+# One layer
+# ----------------------------------------------------------------------------------------------
+
+
+def layer_tiles(frame: Frame, index: int, s: int, kernels: Kernels) -> tuple[Tensor, Tensor] | None:
+    """Blurred premultiplied RGBA of layer ``index`` (blurred on the grid of level ``s``).
+
+    The layer holds its share of the pixels on either side of it (tent weights) and, behind
+    pixels at least two layers nearer (its occluders), an extrapolated hidden surface.
+
+    Returns:
+        ``(slots, tiles)``: indices ``(n,)`` into the frame's full-resolution ``TILE`` grid
+        (row-major) and the layer's content there, ``(n, 4, TILE, TILE)``; ``None`` if empty.
+    """
+    lam = frame.radii[index]
+    if s == 1 and 2 * kernels.half(lam, s) <= TILE:
+        return _layer_tiled(frame, index, kernels)
+    placed = _layer_dense(frame, index, s, kernels)
+    if placed is None:
+        return None
+    (cy, cx), rgba = placed
+    if s > 1:  # bilinear upsampling on the global grid: pad one empty cell per side
+        rgba = F.interpolate(F.pad(rgba, (1, 1, 1, 1))[None], scale_factor=s, mode="bilinear",
+                             align_corners=False)[0]
+        cy, cx = (cy - 1) * s, (cx - 1) * s
+    return _window_to_tiles(rgba, cy, cx, frame)
+
+
+def _window_to_tiles(rgba: Tensor, cy: int, cx: int, frame: Frame) -> tuple[Tensor, Tensor] | None:
+    """Cut a full-resolution window (top-left ``cy``, ``cx``) into the frame's non-empty tiles."""
+    hp, wp = frame.beta.shape
+    h, w = rgba.shape[-2:]
+    ya, xa, yb, xb = max(0, cy), max(0, cx), min(hp, cy + h), min(wp, cx + w)
+    if ya >= yb or xa >= xb:
+        return None
+    ty0, tx0 = ya // TILE, xa // TILE
+    ty1, tx1 = -(-yb // TILE), -(-xb // TILE)
+    buf = rgba.new_zeros(4, (ty1 - ty0) * TILE, (tx1 - tx0) * TILE)
+    oy, ox = ty0 * TILE, tx0 * TILE
+    buf[:, ya - oy:yb - oy, xa - ox:xb - ox] = rgba[:, ya - cy:yb - cy, xa - cx:xb - cx]
+    tiles = buf.view(4, ty1 - ty0, TILE, tx1 - tx0, TILE).permute(1, 3, 0, 2, 4)
+    keep = torch.nonzero(tiles[:, :, 3].flatten(2).amax(dim=2) > 0)
+    if len(keep) == 0:
+        return None
+    slots = (keep[:, 0] + ty0) * (wp // TILE) + keep[:, 1] + tx0
+    return slots, tiles[keep[:, 0], keep[:, 1]]
+
+
+def _layer_dense(frame: Frame, index: int, s: int, kernels: Kernels) -> tuple[tuple[int, int], Tensor] | None:
+    """Layer content on one window of the level-``s`` grid: (top-left cell, blurred RGBA)."""
+    nb = len(frame.radii) - 1
+    own = [frame.boxes[b] for b in (index - 1, index) if 0 <= b < nb and frame.boxes[b] is not None]
+    if not own:
+        return None
+    y0, y1 = min(b[0] for b in own), max(b[1] for b in own)
+    x0, x1 = min(b[2] for b in own), max(b[3] for b in own)
+    hp, wp = frame.beta.shape
+    reach = _reach(frame, index, kernels, _own_tiles(frame, index))
+    grown = (y0 - reach, y1 + reach, x0 - reach, x1 + reach)
+    occluded = reach > 0 and any(
+        b is not None and b[0] < grown[1] and grown[0] < b[1] and b[2] < grown[3] and grown[2] < b[3]
+        for b in frame.boxes[:max(0, index - 1)]
+    )
+    m = reach if occluded else 0
+    g = 2 * s  # whole cells of the hidden-surface grid
+    wy0, wx0 = max(0, y0 - m) // g * g, max(0, x0 - m) // g * g
+    wy1, wx1 = min(hp, -(-(y1 + m) // g) * g), min(wp, -(-(x1 + m) // g) * g)
+    win = (slice(wy0, wy1), slice(wx0, wx1))
+    x = _content(frame.beta[win], frame.t[win], frame.u[win], frame.lin[:, win[0], win[1]], index, occluded,
+                 len(frame.radii) - 1)
+    for _ in range(s.bit_length() - 1):
+        x = _box2(x)
+    if occluded and float(x[4].amax()) > 0.0:
+        fields = _fill_fields(_box2(x), reach / (2 * s))
+        part = F.interpolate(fields[None], scale_factor=2, mode="bilinear", align_corners=False)[0]
+        hidden = x[4:5] * part[3:4]
+        x[:3].addcmul_(part[:3], hidden)
+        x[3:4] += hidden
+    x = x[:4]
+    alpha_any = x[3] > 0
+    ys = torch.nonzero(alpha_any.any(dim=1)).flatten()
+    if len(ys) == 0:
+        return None
+    xs = torch.nonzero(alpha_any.any(dim=0)).flatten()
+    cy0, cy1 = int(ys[0]), int(ys[-1]) + 1
+    cx0, cx1 = int(xs[0]), int(xs[-1]) + 1
+    r = kernels.half(frame.radii[index], s)
+    rgba = _convolve(x[:, cy0:cy1, cx0:cx1], frame.radii[index], s, kernels)
+    return (wy0 // s + cy0 - r, wx0 // s + cx0 - r), rgba
+
+
+def _tiles_of(x: Tensor, tile: int, ty: Tensor, tx: Tensor) -> Tensor:
+    """Gather tiles ``(n, ..., tile, tile)`` at tile coordinates ``ty``, ``tx`` of ``x`` ``(..., H, W)``."""
+    lead = x.shape[:-2]
+    h, w = x.shape[-2:]
+    v = x.reshape(*lead, h // tile, tile, w // tile, tile)
+    d = len(lead)
+    v = v.permute(d, d + 2, *range(d), d + 1, d + 3)
+    return v[ty, tx]
+
+
+def _layer_tiled(frame: Frame, index: int, kernels: Kernels) -> tuple[Tensor, Tensor] | None:
+    """:func:`layer_tiles` at full resolution, on the tiles that hold the layer or its hidden surface."""
+    lam = frame.radii[index]
+    own = _own_tiles(frame, index)
+    if not bool(own.any()):
+        return None
+    reach = _reach(frame, index, kernels, own)
+    near = _dilate(own, reach / TILE) & frame.below[index - 2] if reach > 0 else torch.zeros_like(own)
+    occluded = bool(near.any())
+    ty, tx = torch.nonzero(own | near, as_tuple=True)
+    ny, nx = own.shape
+    x = _content(_tiles_of(frame.beta, TILE, ty, tx), _tiles_of(frame.t, TILE, ty, tx),
+                 _tiles_of(frame.u, TILE, ty, tx), _tiles_of(frame.lin, TILE, ty, tx), index, occluded,
+                 len(frame.radii) - 1)
+    if occluded and float(x[:, 4].amax()) > 0.0:
+        y0, x0 = int(ty.min()), int(tx.min())
+        _hidden_tiles(x, ty - y0, tx - x0, int(ty.max()) + 1 - y0, int(tx.max()) + 1 - x0, reach / 2)
+    r = kernels.half(lam, 1)
+    parts = _convolve(x[:, :4], lam, 1, kernels)  # (n, 4, T + 2r, T + 2r)
+    if r == 0:
+        return ty * nx + tx, parts
+    # spread each patch over the 3 x 3 tiles around its own: body, edges and corners
+    grid = torch.full((ny + 2, nx + 2), -1, dtype=torch.long, device=x.device)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            grid[ty + 1 + dy, tx + 1 + dx] = 0
+    out_pos = torch.nonzero(grid >= 0)
+    grid[out_pos[:, 0], out_pos[:, 1]] = torch.arange(len(out_pos), device=x.device)
+    out = x.new_zeros(len(out_pos), 4, TILE, TILE)
+    pieces = ((-1, slice(0, r), slice(TILE - r, TILE)), (0, slice(r, TILE + r), slice(0, TILE)),
+              (1, slice(TILE + r, TILE + 2 * r), slice(0, r)))
+    for dy, src_y, dst_y in pieces:
+        for dx, src_x, dst_x in pieces:
+            # one target per patch: indexed additions stay deterministic on every device
+            out[:, :, dst_y, dst_x].index_add_(0, grid[ty + 1 + dy, tx + 1 + dx], parts[:, :, src_y, src_x])
+    gy, gx = out_pos[:, 0] - 1, out_pos[:, 1] - 1
+    inside = (gy >= 0) & (gy < ny) & (gx >= 0) & (gx < nx)
+    return (gy * nx + gx)[inside], out[inside]
+
+
+def _scatter_tiles(tiles: Tensor, flat: Tensor, nyw: int, nxw: int) -> Tensor:
+    """Place tiles ``(n, C, t, t)`` at ``flat`` of an ``nyw x nxw`` grid: ``(C, nyw t, nxw t)``."""
+    c, t = tiles.shape[1], tiles.shape[2]
+    grid = tiles.new_zeros(nyw * nxw, c, t, t).index_copy_(0, flat, tiles)
+    return grid.view(nyw, nxw, c, t, t).permute(2, 0, 3, 1, 4).reshape(c, nyw * t, nxw * t)
+
+
+def _overlap_add(parts: Tensor, flat: Tensor, nyw: int, nxw: int) -> Tensor:
+    """Sum patches ``(n, C, T + e, T + e)`` whose top-left corners sit on a ``TILE`` grid (``e <= TILE``).
+
+    Returns ``(C, nyw T + e, nxw T + e)``. Each patch is cut into its ``TILE x TILE`` body and the
+    overhangs into the next tile row, column and diagonal; each part is then one dense addition.
+    """
+    c, p = parts.shape[1], parts.shape[2]
+    t = TILE
+    e = p - t
+    grid = parts.new_zeros(nyw * nxw, c, p, p).index_copy_(0, flat, parts).view(nyw, nxw, c, p, p)
+    out = parts.new_zeros(c, (nyw + 1) * t, (nxw + 1) * t)
+    view = out.view(c, nyw + 1, t, nxw + 1, t)
+    view[:, :nyw, :, :nxw, :] += grid[..., :t, :t].permute(2, 0, 3, 1, 4)
+    if e > 0:
+        view[:, 1:, :e, :nxw, :] += grid[..., t:, :t].permute(2, 0, 3, 1, 4)
+        view[:, :nyw, :, 1:, :e] += grid[..., :t, t:].permute(2, 0, 3, 1, 4)
+        view[:, 1:, :e, 1:, :e] += grid[..., t:, t:].permute(2, 0, 3, 1, 4)
+    return out[:, :nyw * t + e, :nxw * t + e]
+
+
+def _hidden_tiles(x: Tensor, ry: Tensor, rx: Tensor, nyw: int, nxw: int, reach: float) -> None:
+    """Add the hidden surface to tiled layer content ``x`` ``(n, 6, T, T)`` (see :func:`_content`) in place.
+
+    The fill is computed on a dense grid twice as coarse over the window of the tiles (tiles not
+    given count as empty, unoccluded cells), then read back per tile with a one-cell halo.
+    """
+    half = TILE // 2
+    flat = ry * nxw + rx
+    canvas = _scatter_tiles(_box2(x), flat, nyw, nxw)  # (6, nyw T/2, nxw T/2)
+    fields = _fill_fields(canvas, reach)
+    padded = F.pad(fields[None], (1, 1, 1, 1), mode="replicate")
+    patches = F.unfold(padded, kernel_size=half + 2, stride=half)  # (1, 4 (T/2+2)^2, nyw nxw)
+    part = patches[0].index_select(1, flat).t().reshape(-1, 4, half + 2, half + 2)
+    part = F.interpolate(part, scale_factor=2, mode="bilinear", align_corners=False)
+    part = part[:, :, 2:2 + TILE, 2:2 + TILE]
+    hidden = x[:, 4:5] * part[:, 3:4]
+    x[:, :3].addcmul_(part[:, :3], hidden)
+    x[:, 3:4] += hidden

@@ -30,8 +30,9 @@ R0_SHAPED = 8.0
 #: Tile side (cells) of the sparse path, used on grids up to ``TILED_LEVELS``.
 TILE = 64
 TILED_LEVELS = 2
-#: Jacobi sweeps per pyramid level of the hidden-surface colour fill.
+#: Jacobi sweeps per pyramid level of the hidden-surface colour fill, from level RELAX_FROM on.
 RELAX = 8
+RELAX_FROM = 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,15 +183,16 @@ def _relax(val: Tensor, value: Tensor, free: Tensor, sweeps: int) -> Tensor:
     return val
 
 
-def _pull_push(value: Tensor, weight: Tensor, relax: int = 0, groups: list[int] | None = None) -> Tensor:
+def _pull_push(value: Tensor, weight: Tensor, relax: int = 0, relax_from: int = 1,
+               groups: list[int] | None = None) -> Tensor:
     """Extrapolate ``value / weight`` everywhere (pull-push).
 
     ``value``: ``(C, h, w)`` premultiplied by its weight; ``weight``: ``(G, h, w)`` in [0, 1], channel
     ``c`` of ``value`` using ``weight[groups[c]]`` (default: ``G == 1`` or ``G == C``). Known cells
     keep their value; unknown ones take the weighted average of ever coarser neighbourhoods,
-    blended in with bilinear weights. With ``relax > 0``, every level but the finest then gets
-    ``relax`` Jacobi sweeps of Laplace's equation over its holes: the fill tends to the harmonic
-    one, which continues linear trends that plain pull-push flattens.
+    blended in with bilinear weights. With ``relax > 0``, every level from ``relax_from`` (0 is the
+    finest) then gets ``relax`` Jacobi sweeps of Laplace's equation over its holes: the fill tends
+    to the harmonic one, which continues linear trends that plain pull-push flattens.
     """
     pick = None if groups is None else torch.tensor(groups, device=value.device)
 
@@ -210,7 +212,7 @@ def _pull_push(value: Tensor, weight: Tensor, relax: int = 0, groups: list[int] 
         up = F.interpolate(val[None], scale_factor=2, mode="bilinear", align_corners=False)[0, :, :h, :w]
         free = per_channel(1.0 - weight.clamp(0.0, 1.0))
         val = up.mul_(free).add_(value)
-        if depth < len(levels) - 1:
+        if depth < len(levels) - relax_from:
             val = _relax(val, value, free, relax)
     return val
 
@@ -238,15 +240,15 @@ def _fill_fields(coarse: Tensor, reach: float) -> Tensor:
     ``coarse``: ``(6, h, w)``, the layer's premultiplied RGBA, the fraction of each cell covered by
     its occluders and the fraction outside the image (unknown, like occluded cells). Behind the
     occluders the layer continues with its own colours extrapolated (pull-push with harmonic
-    relaxation) and with the share of the hidden surface it had among the nearby non-occluding
-    pixels (1 behind a depth step, 0 behind a continuous depth ramp), up to ``reach`` cells from
-    its own pixels. Returns ``(4, h, w)``: colour and share.
+    relaxation on its coarser levels) and with the share of the hidden surface it had among the
+    nearby non-occluding pixels (1 behind a depth step, 0 behind a continuous depth ramp), up to
+    ``reach`` cells from its own pixels. Returns ``(4, h, w)``: colour and share.
     """
     alpha, occ, outside = coarse[3:4], coarse[4:5], coarse[5:6]
     known = (1.0 - occ - outside).clamp_(0.0, 1.0)
-    fields = _pull_push(coarse[:4], torch.cat([alpha, known]), relax=RELAX, groups=[0, 0, 0, 1])
-    fields[3:4].clamp_(0.0, 1.0)
-    fields[3:4] *= _dilate(alpha[0] > 0, reach)
+    fields = _pull_push(coarse[:4], torch.cat([alpha, known]), relax=RELAX, relax_from=RELAX_FROM,
+                        groups=[0, 0, 0, 1])
+    fields[3:4].clamp_(0.0, 1.0).mul_(_dilate(alpha[0] > 0, reach))
     return fields
 
 
@@ -275,6 +277,7 @@ class Frame:
     c_max: float
     height: int
     width: int
+    fill_cell: int  # px per cell of the hidden-surface grid at full resolution (2 up to ~2 MP, then more)
 
 
 def _bin_boxes(beta: Tensor, nb: int) -> list[tuple[int, int, int, int] | None]:
@@ -314,8 +317,10 @@ def prepare(lin: Tensor, coc: Tensor, r0: float) -> Frame:
     t = ((coc - lower) / (upper - lower)).clamp_(0.0, 1.0)
     beta = nb - i  # bin index in descending order: between radii[beta] and radii[beta + 1]
     boxes = _bin_boxes(beta, nb)
-    grid = max(TILE * TILED_LEVELS, 2 * max(level(abs(r), r0) for r in radii))
     h, w = coc.shape
+    # the hidden-surface grid scales with the image, so that its guess does not depend on resolution
+    fill_cell = 2 * 2 ** max(0, round(math.log2(max(h, w) / 2048)))
+    grid = max(TILE * TILED_LEVELS, fill_cell * max(level(abs(r), r0) for r in radii))
     hp, wp = -(-h // grid) * grid, -(-w // grid) * grid
     if (hp, wp) != (h, w):
         lin = F.pad(lin, (0, wp - w, 0, hp - h))
@@ -324,7 +329,7 @@ def prepare(lin: Tensor, coc: Tensor, r0: float) -> Frame:
     presence = _tile_presence(beta, nb)
     below = presence.cummax(dim=0).values
     return Frame(lin, beta.to(torch.int16), t, 1.0 - t, radii, r0, boxes, presence, below,
-                 max(c_max, 0.0), h, w)
+                 max(c_max, 0.0), h, w, fill_cell)
 
 
 def _content(beta: Tensor, t: Tensor, u: Tensor, lin: Tensor, index: int, occluded: bool, nb: int) -> Tensor:
@@ -384,8 +389,8 @@ def _reach(frame: Frame, index: int, kernels: Kernels, own: Tensor) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def layer_tiles(frame: Frame, index: int, s: int, kernels: Kernels) -> tuple[Tensor, Tensor] | None:
-    """Blurred premultiplied RGBA of layer ``index`` (blurred on the grid of level ``s``).
+def layer_tiles(frame: Frame, index: int, kernels: Kernels) -> tuple[Tensor, Tensor] | None:
+    """Blurred premultiplied RGBA of full-resolution layer ``index``.
 
     The layer holds its share of the pixels on either side of it (tent weights) and, behind
     pixels at least two layers nearer (its occluders), an extrapolated hidden surface.
@@ -394,42 +399,43 @@ def layer_tiles(frame: Frame, index: int, s: int, kernels: Kernels) -> tuple[Ten
         ``(slots, tiles)``: indices ``(n,)`` into the frame's full-resolution ``TILE`` grid
         (row-major) and the layer's content there, ``(n, 4, TILE, TILE)``; ``None`` if empty.
     """
-    lam = frame.radii[index]
-    if s == 1 and 2 * kernels.half(lam, s) <= TILE:
+    if 2 * kernels.half(frame.radii[index], 1) <= TILE:
         return _layer_tiled(frame, index, kernels)
-    placed = _layer_dense(frame, index, s, kernels)
-    if placed is None:
-        return None
-    (cy, cx), rgba = placed
-    if s > 1:  # bilinear upsampling on the global grid: pad one empty cell per side
-        rgba = F.interpolate(F.pad(rgba, (1, 1, 1, 1))[None], scale_factor=s, mode="bilinear",
-                             align_corners=False)[0]
-        cy, cx = (cy - 1) * s, (cx - 1) * s
-    return _window_to_tiles(rgba, cy, cx, frame)
+    placed = layer_window(frame, index, 1, kernels)
+    return None if placed is None else window_to_tiles(placed[1], *placed[0], frame)
 
 
-def _window_to_tiles(rgba: Tensor, cy: int, cx: int, frame: Frame) -> tuple[Tensor, Tensor] | None:
-    """Cut a full-resolution window (top-left ``cy``, ``cx``) into the frame's non-empty tiles."""
+def window_to_tiles(window: Tensor, cy: int, cx: int, frame: Frame,
+                    key: int = 3) -> tuple[Tensor, Tensor] | None:
+    """Cut a full-resolution window ``(C, h, w)`` (top-left ``cy``, ``cx``) into the frame's tiles.
+
+    Tiles where channel ``key`` is zero everywhere are dropped. Returns ``(slots, (n, C, TILE, TILE))``
+    or ``None``.
+    """
     hp, wp = frame.beta.shape
-    h, w = rgba.shape[-2:]
+    c, h, w = window.shape
     ya, xa, yb, xb = max(0, cy), max(0, cx), min(hp, cy + h), min(wp, cx + w)
     if ya >= yb or xa >= xb:
         return None
     ty0, tx0 = ya // TILE, xa // TILE
     ty1, tx1 = -(-yb // TILE), -(-xb // TILE)
-    buf = rgba.new_zeros(4, (ty1 - ty0) * TILE, (tx1 - tx0) * TILE)
+    buf = window.new_zeros(c, (ty1 - ty0) * TILE, (tx1 - tx0) * TILE)
     oy, ox = ty0 * TILE, tx0 * TILE
-    buf[:, ya - oy:yb - oy, xa - ox:xb - ox] = rgba[:, ya - cy:yb - cy, xa - cx:xb - cx]
-    tiles = buf.view(4, ty1 - ty0, TILE, tx1 - tx0, TILE).permute(1, 3, 0, 2, 4)
-    keep = torch.nonzero(tiles[:, :, 3].flatten(2).amax(dim=2) > 0)
+    buf[:, ya - oy:yb - oy, xa - ox:xb - ox] = window[:, ya - cy:yb - cy, xa - cx:xb - cx]
+    tiles = buf.view(c, ty1 - ty0, TILE, tx1 - tx0, TILE).permute(1, 3, 0, 2, 4)
+    keep = torch.nonzero(tiles[:, :, key].amax(dim=(2, 3)) > 0)
     if len(keep) == 0:
         return None
     slots = (keep[:, 0] + ty0) * (wp // TILE) + keep[:, 1] + tx0
     return slots, tiles[keep[:, 0], keep[:, 1]]
 
 
-def _layer_dense(frame: Frame, index: int, s: int, kernels: Kernels) -> tuple[tuple[int, int], Tensor] | None:
-    """Layer content on one window of the level-``s`` grid: (top-left cell, blurred RGBA)."""
+def layer_window(frame: Frame, index: int, s: int, kernels: Kernels) -> tuple[tuple[int, int], Tensor] | None:
+    """Blurred premultiplied RGBA of layer ``index`` on one window of the level-``s`` grid.
+
+    Returns ``((top, left), (4, h, w))`` in cells of that grid (the window may reach past the
+    image by the kernel's half-size), or ``None`` if the layer is empty.
+    """
     nb = len(frame.radii) - 1
     own = [frame.boxes[b] for b in (index - 1, index) if 0 <= b < nb and frame.boxes[b] is not None]
     if not own:
@@ -444,7 +450,8 @@ def _layer_dense(frame: Frame, index: int, s: int, kernels: Kernels) -> tuple[tu
         for b in frame.boxes[:max(0, index - 1)]
     )
     m = reach if occluded else 0
-    g = 2 * s  # whole cells of the hidden-surface grid
+    q = max(1, frame.fill_cell // s)  # hidden-surface cells, in cells of this grid
+    g = q * s  # whole cells of the hidden-surface grid
     wy0, wx0 = max(0, y0 - m) // g * g, max(0, x0 - m) // g * g
     wy1, wx1 = min(hp, -(-(y1 + m) // g) * g), min(wp, -(-(x1 + m) // g) * g)
     win = (slice(wy0, wy1), slice(wx0, wx1))
@@ -453,8 +460,12 @@ def _layer_dense(frame: Frame, index: int, s: int, kernels: Kernels) -> tuple[tu
     for _ in range(s.bit_length() - 1):
         x = _box2(x)
     if occluded and float(x[4].amax()) > 0.0:
-        fields = _fill_fields(_box2(x), reach / (2 * s))
-        part = F.interpolate(fields[None], scale_factor=2, mode="bilinear", align_corners=False)[0]
+        coarse = x
+        for _ in range(q.bit_length() - 1):
+            coarse = _box2(coarse)
+        part = _fill_fields(coarse, reach / g)
+        if q > 1:
+            part = F.interpolate(part[None], scale_factor=q, mode="bilinear", align_corners=False)[0]
         hidden = x[4:5] * part[3:4]
         x[:3].addcmul_(part[:3], hidden)
         x[3:4] += hidden
@@ -497,7 +508,8 @@ def _layer_tiled(frame: Frame, index: int, kernels: Kernels) -> tuple[Tensor, Te
                  len(frame.radii) - 1)
     if occluded and float(x[:, 4].amax()) > 0.0:
         y0, x0 = int(ty.min()), int(tx.min())
-        _hidden_tiles(x, ty - y0, tx - x0, int(ty.max()) + 1 - y0, int(tx.max()) + 1 - x0, reach / 2)
+        _hidden_tiles(x, ty - y0, tx - x0, int(ty.max()) + 1 - y0, int(tx.max()) + 1 - x0, reach,
+                      frame.fill_cell)
     r = kernels.half(lam, 1)
     parts = _convolve(x[:, :4], lam, 1, kernels)  # (n, 4, T + 2r, T + 2r)
     if r == 0:
@@ -548,21 +560,26 @@ def _overlap_add(parts: Tensor, flat: Tensor, nyw: int, nxw: int) -> Tensor:
     return out[:, :nyw * t + e, :nxw * t + e]
 
 
-def _hidden_tiles(x: Tensor, ry: Tensor, rx: Tensor, nyw: int, nxw: int, reach: float) -> None:
+def _hidden_tiles(x: Tensor, ry: Tensor, rx: Tensor, nyw: int, nxw: int, reach: float, q: int) -> None:
     """Add the hidden surface to tiled layer content ``x`` ``(n, 6, T, T)`` (see :func:`_content`) in place.
 
-    The fill is computed on a dense grid twice as coarse over the window of the tiles (tiles not
-    given count as empty, unoccluded cells), then read back per tile with a one-cell halo.
+    The fill is computed on a dense grid ``q`` times coarser over the window of the tiles (tiles
+    not given count as empty, unoccluded cells), then read back per tile with a one-cell halo.
+    ``reach`` is in pixels.
     """
-    half = TILE // 2
+    cells = TILE // q
     flat = ry * nxw + rx
-    canvas = _scatter_tiles(_box2(x), flat, nyw, nxw)  # (6, nyw T/2, nxw T/2)
-    fields = _fill_fields(canvas, reach)
-    padded = F.pad(fields[None], (1, 1, 1, 1), mode="replicate")
-    patches = F.unfold(padded, kernel_size=half + 2, stride=half)  # (1, 4 (T/2+2)^2, nyw nxw)
-    part = patches[0].index_select(1, flat).t().reshape(-1, 4, half + 2, half + 2)
-    part = F.interpolate(part, scale_factor=2, mode="bilinear", align_corners=False)
-    part = part[:, :, 2:2 + TILE, 2:2 + TILE]
+    coarse = x
+    for _ in range(q.bit_length() - 1):
+        coarse = _box2(coarse)
+    canvas = _scatter_tiles(coarse, flat, nyw, nxw)  # (6, nyw T/q, nxw T/q)
+    fields = _fill_fields(canvas, reach / q)
+    padded = F.pad(fields[None], (1, 1, 1, 1), mode="replicate")[0]
+    # overlapping (T/q + 2)-cell windows, one per tile, as a view; gather the tiles given
+    c, hh, ww = padded.shape
+    windows = padded.as_strided((nyw, nxw, c, cells + 2, cells + 2), (cells * ww, cells, hh * ww, ww, 1))
+    part = F.interpolate(windows[ry, rx], scale_factor=q, mode="bilinear", align_corners=False)
+    part = part[:, :, q:q + TILE, q:q + TILE]
     hidden = x[:, 4:5] * part[:, 3:4]
     x[:, :3].addcmul_(part[:, :3], hidden)
     x[:, 3:4] += hidden

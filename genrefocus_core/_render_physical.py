@@ -47,9 +47,22 @@ import logging
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from ._physical_layers import R0, R0_SHAPED, TILE, Kernels, layer_radii, layer_tiles, level, prepare
+from ._physical_layers import (
+    R0,
+    R0_SHAPED,
+    TILE,
+    Frame,
+    Kernels,
+    layer_radii,
+    layer_tiles,
+    layer_window,
+    level,
+    prepare,
+    window_to_tiles,
+)
 from .aperture import Aperture
 
 __all__ = ["render_physical"]
@@ -85,6 +98,146 @@ def _compress_highlights(w: Tensor) -> Tensor:
     return torch.where(w > _KNEE, (_KNEE + y).to(w.dtype), w)
 
 
+class _Accumulator:
+    """Front-to-back additive accumulation on the full-resolution tile grid.
+
+    ``num`` and ``cov`` sum each layer's premultiplied colour and alpha weighted by
+    ``clamp(1 - occ)``, where ``occ`` sums the blurred alphas of the layers at least two steps
+    nearer (the adjacent layer never occludes: a surface crossing from one layer to the next is
+    continuous, and a pixel shared by two layers must not hide itself).
+    """
+
+    def __init__(self, frame: Frame, like: Tensor) -> None:
+        hp, wp = frame.beta.shape
+        self.frame = frame
+        self.grid = (hp // TILE, wp // TILE)
+        n = self.grid[0] * self.grid[1]
+        self.num = like.new_zeros(n, 3, TILE, TILE)
+        self.cov = like.new_zeros(n, 1, TILE, TILE)
+        self.occ = like.new_zeros(n, 1, TILE, TILE)
+        self.pending: tuple[Tensor, Tensor] | None = None  # the previous layer's alpha tiles
+
+    def add(self, slots: Tensor, rgba: Tensor, gain: Tensor | None = None) -> None:
+        """Add tiles (each slot once: the indexed additions are deterministic on every device)."""
+        weight = (1.0 - self.occ.index_select(0, slots)).clamp_(0.0, 1.0)
+        if gain is not None:
+            weight = weight * gain
+        self.num.index_add_(0, slots, weight * rgba[:, :3])
+        self.cov.index_add_(0, slots, weight * rgba[:, 3:4])
+
+    def step(self, current: tuple[Tensor, Tensor] | None) -> None:
+        """End of a layer: the previous one starts occluding; ``current`` becomes pending."""
+        if self.pending is not None:
+            self.occ.index_add_(0, *self.pending)
+        self.pending = current
+
+    def image(self) -> Tensor:
+        ny, nx = self.grid
+        hp, wp = ny * TILE, nx * TILE
+        num = self.num.view(ny, nx, 3, TILE, TILE).permute(2, 0, 3, 1, 4).reshape(3, hp, wp)
+        cov = self.cov.view(ny, nx, 1, TILE, TILE).permute(2, 0, 3, 1, 4).reshape(1, hp, wp)
+        out = torch.where(cov > 1e-6, num / cov.clamp_min(1e-6), self.frame.lin)
+        return out[:, :self.frame.height, :self.frame.width]
+
+    def occ_image(self) -> Tensor:
+        ny, nx = self.grid
+        return self.occ.view(ny, nx, 1, TILE, TILE).permute(2, 0, 3, 1, 4).reshape(1, ny * TILE, nx * TILE)
+
+
+class _Group:
+    """A run of consecutive coarse layers, accumulated on the grid of level ``s`` (their finest).
+
+    Within the group the same additive rule runs at level ``s``; what the layers before the group
+    occlude enters twice: downsampled here (``before``), and exactly at full resolution when the
+    group is merged, through the ratio of the exact to the downsampled transmittance (a sharp
+    foreground stays sharp in front of a coarse background).
+    """
+
+    def __init__(self, acc: _Accumulator, s: int) -> None:
+        self.acc = acc
+        self.s = s
+        occ = acc.occ_image()
+        self.before = F.avg_pool2d(occ[None], s)[0]
+        self.num = occ.new_zeros(3, *self.before.shape[-2:])
+        self.cov = torch.zeros_like(self.before)
+        self.occ = torch.zeros_like(self.before)
+        self.pending: tuple[tuple[slice, slice], Tensor] | None = None
+        self.box: list[int] | None = None
+        if acc.pending is not None:  # the layer just before the group, brought to this grid
+            slots, alpha = acc.pending
+            ny, nx = acc.grid
+            full = occ.new_zeros(ny * nx, 1, TILE, TILE).index_copy_(0, slots, alpha)
+            full = full.view(ny, nx, 1, TILE, TILE).permute(2, 0, 3, 1, 4).reshape(1, ny * TILE, nx * TILE)
+            alpha = F.avg_pool2d(full[None], s)[0]
+            self.pending = ((slice(None), slice(None)), alpha)
+            acc.pending = None
+            rows = torch.nonzero(alpha[0].amax(dim=1) > 0).flatten()
+            cols = torch.nonzero(alpha[0].amax(dim=0) > 0).flatten()
+            if len(rows):  # it joins the group's occlusion: merge its region too
+                self.box = [int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1]
+
+    def add(self, placed: tuple[tuple[int, int], Tensor] | None, s: int) -> None:
+        """Composite a layer blurred on the level-``s`` grid (``s >= self.s``)."""
+        current = None
+        if placed is not None:
+            (cy, cx), rgba = placed
+            if s > self.s:  # bilinear upsampling to this grid: pad one empty cell per side
+                f = s // self.s
+                rgba = F.interpolate(F.pad(rgba, (1, 1, 1, 1))[None], scale_factor=f, mode="bilinear",
+                                     align_corners=False)[0]
+                cy, cx = (cy - 1) * f, (cx - 1) * f
+            hh, ww = self.cov.shape[-2:]
+            h, w = rgba.shape[-2:]
+            ya, xa, yb, xb = max(0, cy), max(0, cx), min(hh, cy + h), min(ww, cx + w)
+            if ya < yb and xa < xb:
+                rgba = rgba[:, ya - cy:yb - cy, xa - cx:xb - cx]
+                win = (slice(ya, yb), slice(xa, xb))
+                alpha = rgba[3:4].clamp(0.0, 1.0)
+                weight = (1.0 - self.before[:, win[0], win[1]] - self.occ[:, win[0], win[1]]).clamp_(0.0, 1.0)
+                self.num[:, win[0], win[1]].addcmul_(weight, rgba[:3])
+                self.cov[:, win[0], win[1]].addcmul_(weight, alpha)
+                current = (win, alpha)
+                b = self.box
+                self.box = [ya, yb, xa, xb] if b is None else [min(b[0], ya), max(b[1], yb),
+                                                                 min(b[2], xa), max(b[3], xb)]
+        if self.pending is not None:
+            win, alpha = self.pending
+            self.occ[:, win[0], win[1]] += alpha
+        self.pending = current
+
+    def merge(self) -> None:
+        """Bring the group to full resolution and into the accumulator."""
+        acc, s = self.acc, self.s
+        last = self.pending
+        if self.box is not None:
+            hh, ww = self.cov.shape[-2:]
+            y0, y1 = max(0, self.box[0] - 1), min(hh, self.box[1] + 1)
+            x0, x1 = max(0, self.box[2] - 1), min(ww, self.box[3] + 1)
+            win = (slice(None), slice(y0, y1), slice(x0, x1))
+            coarse = torch.cat([self.num[win], self.cov[win], self.occ[win], self.before[win],
+                                self.cov[win] + self.occ[win]])
+            up = F.interpolate(coarse[None], scale_factor=s, mode="bilinear", align_corners=False)[0]
+            tiles = window_to_tiles(up, y0 * s, x0 * s, acc.frame, key=6)
+            if tiles is not None:
+                slots, t = tiles
+                exact = (1.0 - acc.occ.index_select(0, slots)).clamp_(0.0, 1.0)
+                approx = (1.0 - t[:, 5:6]).clamp_(0.0, 1.0)
+                gain = torch.where(approx > 1e-3, exact / approx.clamp_min(1e-3), 0.0)
+                acc.num.index_add_(0, slots, gain * t[:, :3])
+                acc.cov.index_add_(0, slots, gain * t[:, 3:4])
+                acc.occ.index_add_(0, slots, t[:, 4:5])
+        acc.pending = None
+        if last is not None:  # the group's last layer occludes from the layer after the next on
+            (ys, xs), alpha = last
+            full = torch.zeros_like(self.cov)
+            full[:, ys, xs] = alpha
+            ya, xa = ys.start or 0, xs.start or 0
+            window = full[:, ys, xs]
+            up = F.interpolate(F.pad(window, (1, 1, 1, 1))[None], scale_factor=s, mode="bilinear",
+                               align_corners=False)[0]
+            acc.pending = window_to_tiles(up, (ya - 1) * s, (xa - 1) * s, acc.frame, key=0)
+
+
 def _render_one(lin: Tensor, coc: Tensor, aperture: Aperture | None, step: Callable[[], None]) -> Tensor:
     """Render one image: linear colour ``(3, H, W)`` and signed CoC ``(H, W)`` -> linear colour."""
     round_ = aperture is None or aperture.shape == "disc" or (
@@ -92,33 +245,32 @@ def _render_one(lin: Tensor, coc: Tensor, aperture: Aperture | None, step: Calla
     r0 = R0 if round_ else R0_SHAPED
     frame = prepare(lin, coc, r0)
     kernels = Kernels(aperture, lin.dtype, lin.device)
-    hp, wp = frame.beta.shape
-    ny, nx = hp // TILE, wp // TILE
-    # accumulators in tile-major layout: layers arrive as sparse sets of tiles
-    num = lin.new_zeros(ny * nx, 3, TILE, TILE)
-    cov = lin.new_zeros(ny * nx, 1, TILE, TILE)
-    occ = lin.new_zeros(ny * nx, 1, TILE, TILE)  # blurred alphas of the layers two or more steps nearer
-    previous: tuple[Tensor, Tensor] | None = None
-    for index, lam in enumerate(frame.radii):
-        placed = layer_tiles(frame, index, level(abs(lam), r0), kernels)
-        current = None
-        if placed is not None:
-            slots, rgba = placed
-            alpha = rgba[:, 3:4].clamp(0.0, 1.0)
-            # additive occlusion: the adjacent nearer layer does not occlude (see module doc);
-            # each slot appears once per call, so the indexed additions are deterministic
-            weight = (1.0 - occ.index_select(0, slots)).clamp_(0.0, 1.0)
-            num.index_add_(0, slots, weight * rgba[:, :3])
-            cov.index_add_(0, slots, weight * alpha)
-            current = (slots, alpha)
-        if previous is not None:
-            occ.index_add_(0, *previous)
-        previous = current
+    acc = _Accumulator(frame, lin)
+    group: _Group | None = None
+    levels = [level(abs(lam), r0) for lam in frame.radii]
+    for index in range(len(frame.radii)):
+        s = levels[index]
+        if group is not None and s == 1:
+            group.merge()
+            group = None
+        if s == 1:
+            placed = layer_tiles(frame, index, kernels)
+            current = None
+            if placed is not None:
+                slots, rgba = placed
+                rgba = torch.cat([rgba[:, :3], rgba[:, 3:4].clamp(0.0, 1.0)], dim=1)
+                acc.add(slots, rgba)
+                current = (slots, rgba[:, 3:4])
+            acc.step(current)
+        else:
+            if group is None:  # a run of coarse layers, accumulated on the finest grid among them
+                end = next((j for j in range(index, len(levels)) if levels[j] == 1), len(levels))
+                group = _Group(acc, min(levels[index:end]))
+            group.add(layer_window(frame, index, s, kernels), s)
         step()
-    num = num.view(ny, nx, 3, TILE, TILE).permute(2, 0, 3, 1, 4).reshape(3, hp, wp)
-    cov = cov.view(ny, nx, 1, TILE, TILE).permute(2, 0, 3, 1, 4).reshape(1, hp, wp)
-    out = torch.where(cov > 1e-6, num / cov.clamp_min(1e-6), frame.lin)
-    return out[:, :frame.height, :frame.width]
+    if group is not None:
+        group.merge()
+    return acc.image()
 
 
 def render_physical(

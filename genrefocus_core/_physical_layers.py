@@ -104,7 +104,7 @@ class Kernels:
             n = k.shape[-1]
             pad = torch.zeros(fh, fw, dtype=self.dtype, device=self.device)
             pad[:n, :n] = k
-            spec = torch.fft.rfft2(torch.roll(pad, shifts=(-(n // 2), -(n // 2)), dims=(0, 1)))
+            spec = torch.fft.fft2(torch.roll(pad, shifts=(-(n // 2), -(n // 2)), dims=(0, 1)))
             self._f[key] = spec
         return spec
 
@@ -123,12 +123,16 @@ def _convolve(x: Tensor, lam: float, s: int, kernels: Kernels) -> Tensor:
                 if k[i][j] != 0.0:
                     out[..., i:i + h, j:j + w].add_(x, alpha=k[i][j])
         return out
+    # the kernel is real: two real channels ride in one complex one (real and imaginary parts
+    # do not mix), and complex FFTs both ways beat real-to-complex plus its slow inverse
     fh, fw = _nice(h + 2 * r), _nice(w + 2 * r)
-    buf = x.new_zeros(*x.shape[:-2], fh, fw)
-    buf[..., r:r + h, r:r + w] = x
-    spec = torch.fft.rfft2(buf)
+    lead, c = x.shape[:-3], x.shape[-3]
+    buf = torch.zeros(*lead, c // 2, fh, fw, 2, dtype=x.dtype, device=x.device)
+    buf[..., r:r + h, r:r + w, :] = x.unflatten(-3, (c // 2, 2)).movedim(-3, -1)
+    spec = torch.fft.fft2(torch.view_as_complex(buf))
     spec *= kernels.spectrum(lam, s, fh, fw)
-    return torch.fft.irfft2(spec, s=(fh, fw))[..., :h + 2 * r, :w + 2 * r]
+    out = torch.view_as_real(torch.fft.ifft2(spec))[..., :h + 2 * r, :w + 2 * r, :]
+    return out.movedim(-1, -3).flatten(-4, -3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,37 +437,37 @@ def window_to_tiles(window: Tensor, cy: int, cx: int, frame: Frame,
 def layer_window(frame: Frame, index: int, s: int, kernels: Kernels) -> tuple[tuple[int, int], Tensor] | None:
     """Blurred premultiplied RGBA of layer ``index`` on one window of the level-``s`` grid.
 
-    Returns ``((top, left), (4, h, w))`` in cells of that grid (the window may reach past the
-    image by the kernel's half-size), or ``None`` if the layer is empty.
+    Its content is computed at full resolution on the tiles that hold the layer's pixels or the
+    surface hidden behind its occluders, averaged down to the level-``s`` grid, then filled and
+    blurred as one window there. Returns ``((top, left), (4, h, w))`` in cells of that grid (the
+    window may reach past the image by the kernel's half-size), or ``None`` if the layer is empty.
     """
-    nb = len(frame.radii) - 1
-    own = [frame.boxes[b] for b in (index - 1, index) if 0 <= b < nb and frame.boxes[b] is not None]
-    if not own:
+    own = _own_tiles(frame, index)
+    if not bool(own.any()):
         return None
-    y0, y1 = min(b[0] for b in own), max(b[1] for b in own)
-    x0, x1 = min(b[2] for b in own), max(b[3] for b in own)
-    hp, wp = frame.beta.shape
-    reach = _reach(frame, index, kernels, _own_tiles(frame, index))
-    grown = (y0 - reach, y1 + reach, x0 - reach, x1 + reach)
-    occluded = reach > 0 and any(
-        b is not None and b[0] < grown[1] and grown[0] < b[1] and b[2] < grown[3] and grown[2] < b[3]
-        for b in frame.boxes[:max(0, index - 1)]
-    )
-    m = reach if occluded else 0
+    reach = _reach(frame, index, kernels, own)
+    near = _dilate(own, reach / TILE) & frame.below[index - 2] if reach > 0 else torch.zeros_like(own)
+    occluded = bool(near.any())
+    ty, tx = torch.nonzero(own | near, as_tuple=True)
     q = max(1, frame.fill_cell // s)  # hidden-surface cells, in cells of this grid
-    g = q * s  # whole cells of the hidden-surface grid
-    wy0, wx0 = max(0, y0 - m) // g * g, max(0, x0 - m) // g * g
-    wy1, wx1 = min(hp, -(-(y1 + m) // g) * g), min(wp, -(-(x1 + m) // g) * g)
-    win = (slice(wy0, wy1), slice(wx0, wx1))
-    x = _content(frame.beta[win], frame.t[win], frame.u[win], frame.lin[:, win[0], win[1]], index, occluded,
+    k = max(1, (q * s) // TILE)  # the window spans whole hidden-surface cells
+    y0, x0 = int(ty.min()) // k * k, int(tx.min()) // k * k
+    nyw, nxw = -(-(int(ty.max()) + 1 - y0) // k) * k, -(-(int(tx.max()) + 1 - x0) // k) * k
+    x = _content(_tiles_of(frame.beta, TILE, ty, tx), _tiles_of(frame.t, TILE, ty, tx),
+                 _tiles_of(frame.u, TILE, ty, tx), _tiles_of(frame.lin, TILE, ty, tx), index, occluded,
                  len(frame.radii) - 1)
-    for _ in range(s.bit_length() - 1):
-        x = _box2(x)
+    done = 1
+    while done < s and x.shape[-1] > 1:
+        x, done = _box2(x), done * 2
+    x = _scatter_tiles(x, (ty - y0) * nxw + (tx - x0), nyw, nxw)
+    while done < s:
+        x, done = _box2(x), done * 2
+    wy0, wx0 = y0 * TILE // s, x0 * TILE // s  # top-left cell of the window
     if occluded and float(x[4].amax()) > 0.0:
         coarse = x
         for _ in range(q.bit_length() - 1):
             coarse = _box2(coarse)
-        part = _fill_fields(coarse, reach / g)
+        part = _fill_fields(coarse, reach / (q * s))
         if q > 1:
             part = F.interpolate(part[None], scale_factor=q, mode="bilinear", align_corners=False)[0]
         hidden = x[4:5] * part[3:4]
@@ -479,7 +483,7 @@ def layer_window(frame: Frame, index: int, s: int, kernels: Kernels) -> tuple[tu
     cx0, cx1 = int(xs[0]), int(xs[-1]) + 1
     r = kernels.half(frame.radii[index], s)
     rgba = _convolve(x[:, cy0:cy1, cx0:cx1], frame.radii[index], s, kernels)
-    return (wy0 // s + cy0 - r, wx0 // s + cx0 - r), rgba
+    return (wy0 + cy0 - r, wx0 + cx0 - r), rgba
 
 
 def _tiles_of(x: Tensor, tile: int, ty: Tensor, tx: Tensor) -> Tensor:

@@ -271,8 +271,8 @@ class Frame:
 
     lin: Tensor  # (3, H, W) linear colour
     beta: Tensor  # (H, W) int16 bin; len(radii) + 1 in the padding
-    t: Tensor  # (H, W)
-    u: Tensor  # (H, W)
+    tile_beta: Tensor  # (H W / TILE^2, TILE, TILE): beta, tile-major (row-major tiles)
+    tile_data: Tensor  # (H W / TILE^2, 4, TILE, TILE): t and the colour, tile-major
     radii: list[float]  # signed layer radii, descending
     r0: float
     boxes: list[tuple[int, int, int, int] | None]  # per bin: bounding box (y0, y1, x0, x1) or None
@@ -332,7 +332,12 @@ def prepare(lin: Tensor, coc: Tensor, r0: float) -> Frame:
         beta = F.pad(beta, (0, wp - w, 0, hp - h), value=nb + 1)
     presence = _tile_presence(beta, nb)
     below = presence.cummax(dim=0).values
-    return Frame(lin, beta.to(torch.int16), t, 1.0 - t, radii, r0, boxes, presence, below,
+    beta = beta.to(torch.int16)
+    ny, nx = hp // TILE, wp // TILE
+    tile_beta = beta.view(ny, TILE, nx, TILE).permute(0, 2, 1, 3).reshape(ny * nx, TILE, TILE)
+    data = torch.cat([t[None], lin])
+    tile_data = data.view(4, ny, TILE, nx, TILE).permute(1, 3, 0, 2, 4).reshape(ny * nx, 4, TILE, TILE)
+    return Frame(lin, beta, tile_beta, tile_data, radii, r0, boxes, presence, below,
                  max(c_max, 0.0), h, w, fill_cell)
 
 
@@ -453,9 +458,7 @@ def layer_window(frame: Frame, index: int, s: int, kernels: Kernels) -> tuple[tu
     k = max(1, (q * s) // TILE)  # the window spans whole hidden-surface cells
     y0, x0 = int(ty.min()) // k * k, int(tx.min()) // k * k
     nyw, nxw = -(-(int(ty.max()) + 1 - y0) // k) * k, -(-(int(tx.max()) + 1 - x0) // k) * k
-    x = _content(_tiles_of(frame.beta, TILE, ty, tx), _tiles_of(frame.t, TILE, ty, tx),
-                 _tiles_of(frame.u, TILE, ty, tx), _tiles_of(frame.lin, TILE, ty, tx), index, occluded,
-                 len(frame.radii) - 1)
+    x = _tile_content(frame, ty * own.shape[1] + tx, index, occluded)
     done = 1
     while done < s and x.shape[-1] > 1:
         x, done = _box2(x), done * 2
@@ -486,14 +489,12 @@ def layer_window(frame: Frame, index: int, s: int, kernels: Kernels) -> tuple[tu
     return (wy0 + cy0 - r, wx0 + cx0 - r), rgba
 
 
-def _tiles_of(x: Tensor, tile: int, ty: Tensor, tx: Tensor) -> Tensor:
-    """Gather tiles ``(n, ..., tile, tile)`` at tile coordinates ``ty``, ``tx`` of ``x`` ``(..., H, W)``."""
-    lead = x.shape[:-2]
-    h, w = x.shape[-2:]
-    v = x.reshape(*lead, h // tile, tile, w // tile, tile)
-    d = len(lead)
-    v = v.permute(d, d + 2, *range(d), d + 1, d + 3)
-    return v[ty, tx]
+def _tile_content(frame: Frame, flat: Tensor, index: int, occluded: bool) -> Tensor:
+    """:func:`_content` of the full-resolution tiles ``flat`` (row-major tile indices)."""
+    data = frame.tile_data.index_select(0, flat)
+    t = data[:, 0]
+    return _content(frame.tile_beta.index_select(0, flat), t, 1.0 - t, data[:, 1:], index, occluded,
+                    len(frame.radii) - 1)
 
 
 def _layer_tiled(frame: Frame, index: int, kernels: Kernels) -> tuple[Tensor, Tensor] | None:
@@ -507,9 +508,7 @@ def _layer_tiled(frame: Frame, index: int, kernels: Kernels) -> tuple[Tensor, Te
     occluded = bool(near.any())
     ty, tx = torch.nonzero(own | near, as_tuple=True)
     ny, nx = own.shape
-    x = _content(_tiles_of(frame.beta, TILE, ty, tx), _tiles_of(frame.t, TILE, ty, tx),
-                 _tiles_of(frame.u, TILE, ty, tx), _tiles_of(frame.lin, TILE, ty, tx), index, occluded,
-                 len(frame.radii) - 1)
+    x = _tile_content(frame, ty * own.shape[1] + tx, index, occluded)
     if occluded and float(x[:, 4].amax()) > 0.0:
         y0, x0 = int(ty.min()), int(tx.min())
         _hidden_tiles(x, ty - y0, tx - x0, int(ty.max()) + 1 - y0, int(tx.max()) + 1 - x0, reach,

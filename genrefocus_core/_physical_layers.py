@@ -513,6 +513,10 @@ def _layer_tiled(frame: Frame, index: int, kernels: Kernels) -> tuple[Tensor, Te
         y0, x0 = int(ty.min()), int(tx.min())
         _hidden_tiles(x, ty - y0, tx - x0, int(ty.max()) + 1 - y0, int(tx.max()) + 1 - x0, reach,
                       frame.fill_cell)
+        # tiles behind a continuous surface get no hidden surface: nothing to blur there
+        keep = torch.nonzero(x[:, 3].flatten(1).amax(dim=1) > 1e-3).flatten()
+        if len(keep) < len(ty):
+            x, ty, tx = x[keep], ty[keep], tx[keep]
     r = kernels.half(lam, 1)
     parts = _convolve(x[:, :4], lam, 1, kernels)  # (n, 4, T + 2r, T + 2r)
     if r == 0:

@@ -44,6 +44,7 @@ convolution (what lies beyond the frame is unknown).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 import torch
@@ -242,7 +243,9 @@ def _render_one(lin: Tensor, coc: Tensor, aperture: Aperture | None, step: Calla
     """Render one image: linear colour ``(3, H, W)`` and signed CoC ``(H, W)`` -> linear colour."""
     round_ = aperture is None or aperture.shape == "disc" or (
         aperture.shape == "polygon" and aperture.roundness == 1)
-    r0 = R0 if round_ else R0_SHAPED
+    # above ~2 MP a few-pixel blur is a small one: coarse grids start earlier (down to r0 / 2)
+    scale = min(1.0, max(0.5, math.sqrt(2.0e6 / coc.numel())))
+    r0 = (R0 if round_ else R0_SHAPED) * scale
     frame = prepare(lin, coc, r0)
     kernels = Kernels(aperture, lin.dtype, lin.device)
     acc = _Accumulator(frame, lin)

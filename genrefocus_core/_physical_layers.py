@@ -323,7 +323,7 @@ def prepare(lin: Tensor, coc: Tensor, r0: float) -> Frame:
     boxes = _bin_boxes(beta, nb)
     h, w = coc.shape
     # the hidden-surface grid scales with the image, so that its guess does not depend on resolution
-    fill_cell = 2 * 2 ** max(0, round(math.log2(max(h, w) / 2048)))
+    fill_cell = 2 * 2 ** max(0, round(math.log2(max(h, w) / 1024)))
     grid = max(TILE * TILED_LEVELS, fill_cell * max(level(abs(r), r0) for r in radii))
     hp, wp = -(-h // grid) * grid, -(-w // grid) * grid
     if (hp, wp) != (h, w):
@@ -442,10 +442,11 @@ def window_to_tiles(window: Tensor, cy: int, cx: int, frame: Frame,
 def layer_window(frame: Frame, index: int, s: int, kernels: Kernels) -> tuple[tuple[int, int], Tensor] | None:
     """Blurred premultiplied RGBA of layer ``index`` on one window of the level-``s`` grid.
 
-    Its content is computed at full resolution on the tiles that hold the layer's pixels or the
-    surface hidden behind its occluders, averaged down to the level-``s`` grid, then filled and
-    blurred as one window there. Returns ``((top, left), (4, h, w))`` in cells of that grid (the
-    window may reach past the image by the kernel's half-size), or ``None`` if the layer is empty.
+    The layer's content is computed at full resolution on the tiles that hold its pixels (or the
+    surface hidden behind its occluders) and averaged down; the hidden surface and the blur are
+    then computed on one window of the level-``s`` grid. Returns ``((top, left), (4, h, w))`` in
+    cells of that grid (the window may reach past the image by the kernel's half-size), or
+    ``None`` if empty.
     """
     own = _own_tiles(frame, index)
     if not bool(own.any()):

@@ -40,18 +40,23 @@ RELAX_FROM = 1
 # ----------------------------------------------------------------------------------------------
 
 
-def magnitudes(limit: float) -> list[float]:
-    """Layer radii 0, 0.5, 1, 2, 2.6, ... up to the first one >= ``limit``."""
+def fine_radii(pixels: int) -> tuple[float, ...]:
+    """First layer radii: 0.5 px (still sharp) is dropped above ~2 MP, where it is negligible."""
+    return FINE if pixels <= 2_000_000 else FINE[1:]
+
+
+def magnitudes(limit: float, fine: tuple[float, ...] = FINE) -> list[float]:
+    """Layer radii 0, ``fine``..., then x``RATIO`` per step, up to the first one >= ``limit``."""
     mags = [0.0]
     while mags[-1] < limit:
-        mags.append(FINE[len(mags) - 1] if len(mags) <= len(FINE) else mags[-1] * RATIO)
+        mags.append(fine[len(mags) - 1] if len(mags) <= len(fine) else mags[-1] * RATIO)
     return mags
 
 
-def layer_radii(c_min: float, c_max: float) -> list[float]:
+def layer_radii(c_min: float, c_max: float, fine: tuple[float, ...] = FINE) -> list[float]:
     """Signed layer radii, descending (front to back), covering ``[c_min, c_max]``."""
-    pos = magnitudes(c_max) if c_max > 0 else [0.0]
-    neg = magnitudes(-c_min) if c_min < 0 else [0.0]
+    pos = magnitudes(c_max, fine) if c_max > 0 else [0.0]
+    neg = magnitudes(-c_min, fine) if c_min < 0 else [0.0]
     return [*reversed(pos), *(-m for m in neg[1:])]
 
 
@@ -313,7 +318,7 @@ def _tile_presence(beta: Tensor, nb: int) -> Tensor:
 def prepare(lin: Tensor, coc: Tensor, r0: float) -> Frame:
     """Split an image (linear colour ``(3, H, W)``, signed CoC ``(H, W)``) into layers."""
     c_min, c_max = float(coc.amin()), float(coc.amax())
-    radii = layer_radii(c_min, c_max)
+    radii = layer_radii(c_min, c_max, fine_radii(coc.numel()))
     nb = len(radii) - 1
     asc = torch.tensor(radii[::-1], dtype=coc.dtype, device=coc.device)
     i = torch.bucketize(coc, asc).clamp_(1, nb)  # asc[i-1] < c <= asc[i]

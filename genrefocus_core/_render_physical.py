@@ -57,6 +57,7 @@ from ._physical_layers import (
     TILE,
     Frame,
     Kernels,
+    fine_radii,
     layer_radii,
     layer_tiles,
     layer_window,
@@ -309,7 +310,8 @@ def render_physical(
     lin = image.to(work).pow(gamma)
     if highlight:
         lin = _expand_highlights(lin)
-    total = sum(len(layer_radii(float(c.amin()), float(c.amax()))) for c in coc)
+    fine = fine_radii(coc[0].numel())
+    total = sum(len(layer_radii(float(c.amin()), float(c.amax()), fine)) for c in coc)
     done = 0
 
     def step() -> None:

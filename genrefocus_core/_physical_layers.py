@@ -1,12 +1,13 @@
 """Layers of the "physical" renderer: decomposition, hidden-surface fill and blur of one layer.
 
 Private helper of :mod:`genrefocus_core._render_physical` (see its module docstring for the
-model). This module turns one image into layers of signed blur radius ``lambda`` and returns, for
-one layer, its blurred premultiplied RGBA on the layer's grid (``1/s`` resolution).
+model). :func:`prepare` turns one image into layers of signed blur radius ``lambda``;
+:func:`layer_tiles` returns a full-resolution layer blurred, as 64-px tiles, and
+:func:`layer_window` a coarse layer blurred on its ``1/s`` grid, as one window.
 
-Work is sparse: a layer is processed on the 64-cell tiles that hold its pixels or the hidden
-surface behind its occluders (layers of real depth maps are thin bands along depth contours),
-except on coarse grids (``s >= 4``), which are small enough to process as one window.
+Work is sparse: a layer's content is computed on the full-resolution tiles that hold its pixels
+or the surface hidden behind its occluders (the layers of real depth maps are thin bands along
+depth contours); full-resolution layers are also blurred tile by tile (overlap-add FFT).
 """
 
 from __future__ import annotations
@@ -27,9 +28,8 @@ RATIO = 1.3
 #: so its kernel spans 4..8 px there (8..16 px for shaped apertures, to keep their outline).
 R0 = 4.0
 R0_SHAPED = 8.0
-#: Tile side (cells) of the sparse path, used on grids up to ``TILED_LEVELS``.
+#: Tile side (px) of the sparse work and of the accumulators.
 TILE = 64
-TILED_LEVELS = 2
 #: Jacobi sweeps per pyramid level of the hidden-surface colour fill, from level RELAX_FROM on.
 RELAX = 8
 RELAX_FROM = 1
@@ -68,7 +68,7 @@ def level(radius: float, r0: float) -> int:
 
 
 def _nice(n: int) -> int:
-    """A fast real-FFT length >= ``n``: ``m * 2^k`` with ``m`` in 1, 3, 5, 7, 9 (odd lengths are slow)."""
+    """A fast FFT length >= ``n``: ``m * 2^k`` with ``m`` in 1, 3, 5, 7, 9 (odd lengths are slow)."""
     return min(m << max(0, math.ceil(math.log2(n / m))) for m in (1, 3, 5, 7, 9))
 
 
@@ -137,7 +137,11 @@ def _convolve(x: Tensor, lam: float, s: int, kernels: Kernels) -> Tensor:
     spec = torch.fft.fft2(torch.view_as_complex(buf))
     spec *= kernels.spectrum(lam, s, fh, fw)
     out = torch.view_as_real(torch.fft.ifft2(spec))[..., :h + 2 * r, :w + 2 * r, :]
-    return out.movedim(-1, -3).flatten(-4, -3)
+    out = out.movedim(-1, -3).flatten(-4, -3)
+    # FFT round-off spreads ~eps * max everywhere; where nothing was blurred it must stay zero
+    # (a dark in-focus pixel raised to 1/gamma would show it)
+    tol = 16.0 * torch.finfo(x.dtype).eps * float(x.abs().amax())
+    return out.masked_fill_(out.abs() < tol, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,7 +279,7 @@ class Frame:
     """
 
     lin: Tensor  # (3, H, W) linear colour
-    beta: Tensor  # (H, W) int16 bin; len(radii) + 1 in the padding
+    beta: Tensor  # (H, W) int16 bin; nb + 1 in the padding (nb = len(radii) - 1 bins)
     tile_beta: Tensor  # (H W / TILE^2, TILE, TILE): beta, tile-major (row-major tiles)
     tile_data: Tensor  # (H W / TILE^2, 4, TILE, TILE): t and the colour, tile-major
     radii: list[float]  # signed layer radii, descending
@@ -329,7 +333,7 @@ def prepare(lin: Tensor, coc: Tensor, r0: float) -> Frame:
     h, w = coc.shape
     # the hidden-surface grid scales with the image, so that its guess does not depend on resolution
     fill_cell = 2 * 2 ** max(0, round(math.log2(max(h, w) / 1024)))
-    grid = max(TILE * TILED_LEVELS, fill_cell * max(level(abs(r), r0) for r in radii))
+    grid = max(2 * TILE, fill_cell * max(level(abs(r), r0) for r in radii))
     hp, wp = -(-h // grid) * grid, -(-w // grid) * grid
     if (hp, wp) != (h, w):
         lin = F.pad(lin, (0, wp - w, 0, hp - h))
@@ -551,26 +555,6 @@ def _scatter_tiles(tiles: Tensor, flat: Tensor, nyw: int, nxw: int) -> Tensor:
     c, t = tiles.shape[1], tiles.shape[2]
     grid = tiles.new_zeros(nyw * nxw, c, t, t).index_copy_(0, flat, tiles)
     return grid.view(nyw, nxw, c, t, t).permute(2, 0, 3, 1, 4).reshape(c, nyw * t, nxw * t)
-
-
-def _overlap_add(parts: Tensor, flat: Tensor, nyw: int, nxw: int) -> Tensor:
-    """Sum patches ``(n, C, T + e, T + e)`` whose top-left corners sit on a ``TILE`` grid (``e <= TILE``).
-
-    Returns ``(C, nyw T + e, nxw T + e)``. Each patch is cut into its ``TILE x TILE`` body and the
-    overhangs into the next tile row, column and diagonal; each part is then one dense addition.
-    """
-    c, p = parts.shape[1], parts.shape[2]
-    t = TILE
-    e = p - t
-    grid = parts.new_zeros(nyw * nxw, c, p, p).index_copy_(0, flat, parts).view(nyw, nxw, c, p, p)
-    out = parts.new_zeros(c, (nyw + 1) * t, (nxw + 1) * t)
-    view = out.view(c, nyw + 1, t, nxw + 1, t)
-    view[:, :nyw, :, :nxw, :] += grid[..., :t, :t].permute(2, 0, 3, 1, 4)
-    if e > 0:
-        view[:, 1:, :e, :nxw, :] += grid[..., t:, :t].permute(2, 0, 3, 1, 4)
-        view[:, :nyw, :, 1:, :e] += grid[..., :t, t:].permute(2, 0, 3, 1, 4)
-        view[:, 1:, :e, 1:, :e] += grid[..., t:, t:].permute(2, 0, 3, 1, 4)
-    return out[:, :nyw * t + e, :nxw * t + e]
 
 
 def _hidden_tiles(x: Tensor, ry: Tensor, rx: Tensor, nyw: int, nxw: int, reach: float, q: int) -> None:

@@ -1,46 +1,50 @@
 """Mode "physical" of :func:`genrefocus_core.renderer.render_bokeh`: a layered thin-lens renderer.
 
 Model. The scene is what a pinhole camera saw: the all-in-focus image plus, per pixel, a signed
-circle-of-confusion radius ``c = k * (d - d_f)`` (px, > 0 in front of the focal plane). A thin lens
-averages, over the aperture, the colour of the first surface each ray meets; a point at ``c < 0``
-spreads to the aperture shape scaled by ``|c|``, one at ``c > 0`` to the shape rotated 180 degrees.
+circle-of-confusion radius ``c = k * (d - d_f)`` (px, > 0 in front of the focal plane). A thin
+lens averages, over the aperture, the colour of the first surface each ray meets: a point at
+``c < 0`` spreads to the aperture shape scaled by ``|c|``, one at ``c > 0`` to that shape rotated
+by 180 degrees; a sharp foreground hides the blurred background completely, a blurred foreground
+turns semi-transparent and shows what the pinhole could not see behind it.
 
-Algorithm (per image of the batch).
+Algorithm (per image of the batch; the per-layer work lives in :mod:`._physical_layers`).
 
 1. Light: ``v = image ** gamma``; with ``highlight``, a smooth invertible curve (identity up to
-   0.9, cubic above it, 1.0 -> 8.0) restores clipped highlights; it is inverted at the end, so
+   0.9, cubic above, 1 -> 8) restores clipped highlights and is inverted at the end, so
    untouched pixels round-trip exactly.
-2. Radii ``lambda``: 0, +-1, +-2, then x1.3 per step up to the largest ``|c|``. A pixel with
-   ``lambda[b+1] < c <= lambda[b]`` belongs to *bin* ``b`` with tent weight
-   ``t = (c - lambda[b+1]) / (lambda[b] - lambda[b+1])``: its colour is blurred by
-   ``t K(lambda[b]) + (1 - t) K(lambda[b+1])`` (kernels from ``aperture_kernel``), so the blur is a
-   continuous function of ``c`` (no banding, no popping in ``k``).
-3. Bins are composited front to back (largest ``c`` first) as premultiplied RGBA with the "over"
-   operator: ``out += T * C_b``, ``T *= 1 - A_b``; finally ``out / (1 - T)``. Within a bin,
-   depth order is ignored (its pixels add up); between bins it is exact for the two-plane cases
-   of a thin lens with one plane in focus.
-4. Hidden surfaces. A blurred layer needs the colour behind nearer objects (the pinhole never saw
-   it): each bin is extended under nearer pixels up to the distance from which a ray can still
-   reach it (the occluders' plus its own kernel radius). Under the next nearer bin (a continuous
-   surface crossing a bin boundary) the extension is that bin's own pixels, weighted by how close
-   they are, so depth ramps show no seams; under genuine occluders its colour is a pull-push
-   extrapolation of the bin's visible pixels.
-5. Cost. A bin whose smaller radius is ``r >= 2 r0`` (``r0`` = :data:`_R0` px) is processed at
-   ``1/s`` resolution, ``s = 2 ** floor(log2(r / r0))``: area-downsampled, FFT-convolved with the
-   kernel at ``r' / s`` (``r'`` shrunk so that the down/up-sampling blur keeps the second moment),
-   composited with its neighbours of the same ``s`` at that resolution, then bilinearly upsampled
-   once per group. Work per bin is limited to its bounding box (plus extension and kernel
-   margins). Cost ~ O(HW) elementwise passes per full-resolution bin plus FFTs of the bins'
-   boxes, nearly independent of the blur radius; memory O(HW).
+2. Layers at signed radii ``lambda``: 0, +-0.5, +-1, +-2, then x1.3 per step up to the largest
+   ``|c|`` (0.5 is dropped above 2 MP). A pixel between ``lambda[b+1]`` and ``lambda[b]`` goes to
+   both with tent weights, so its blur ``t K(lambda[b]) + (1 - t) K(lambda[b+1])`` (kernels from
+   :func:`~genrefocus_core.aperture.aperture_kernel`) is continuous in ``c``: no banding, no
+   popping as ``k`` changes.
+3. Layers are accumulated front to back, additively: layer ``l`` counts with weight
+   ``clamp(1 - O_l, 0, 1)``, ``O_l`` the sum of the blurred alphas of the layers at least two
+   steps nearer; the result is normalised by the accumulated coverage. The adjacent layer never
+   occludes: a surface crossing from one layer to the next is continuous (a thin lens sees a
+   tilted plane without self-occlusion) and a pixel shared by two layers must not hide itself;
+   two or more steps apart the layers behave as foreground over background, which is exact for
+   a thin lens when either is in focus.
+4. Hidden surfaces. Behind its occluders a layer continues up to the distance from which a ray
+   can still see it (the occluders' plus its own blur radius): its colour is extrapolated
+   (pull-push with harmonic relaxation) and its share of the hidden surface is the one it had
+   among the nearby visible pixels, 1 behind a depth step and 0 behind a continuous depth ramp
+   (a ramp hides nothing).
+5. Cost. A layer of radius ``r >= 2 r0`` (``r0`` = 4 px, 8 px for shaped apertures, halved above
+   2 MP) is blurred at ``1/s`` resolution, ``s = 2^floor(log2(r / r0))``, with the kernel at
+   ``r' / s`` (``r'`` keeps the second moment of the down/up-sampled blur); runs of such coarse
+   layers are accumulated on their finest grid and upsampled once, a sharp occluder in front
+   staying sharp through the ratio of exact to downsampled transmittance. Full-resolution layers
+   are processed on the 64-px tiles that hold them (depth maps make thin contour bands), with an
+   overlap-add FFT (two channels per complex FFT). Per layer the work is proportional to the
+   area it covers, plus FFTs whose size does not depend on the radius; memory is O(HW).
 
-Approximations: depth differences inside one bin are ignored (bins are 1 px wide near focus and
-30 % of the radius beyond 2 px); the hidden-surface fill is a guess (exact only when the hidden
-content continues smoothly); when two blurred planes overlap, layer compositing replaces the
-thin lens's per-ray visibility by a product of per-layer coverages; monocular depth edges that
-miss the colour edge by a pixel or two leave thin halos; image borders are handled by normalised
-convolution (what lies beyond the frame is unknown).
+Approximations: depth differences within one layer step are ignored (0.5-1 px near focus, 30 %
+of the radius beyond 2 px); the hidden surface is a guess (exact only where it continues what is
+visible); where two blurred layers overlap, layering multiplies average coverages instead of
+following each ray, which blurs the correlation between what a ray passes in front and behind;
+monocular depth edges that miss the colour edge by a pixel or two leave thin halos; beyond the
+frame nothing is known, so borders are renormalised (normalised convolution).
 """
-
 from __future__ import annotations
 
 import logging
@@ -302,6 +306,14 @@ def render_physical(
 
     Returns:
         ``(B, 3, H, W)`` in [0, 1], dtype and device of ``image``.
+
+    Example:
+        >>> img = torch.zeros(1, 3, 32, 32)
+        >>> img[..., 16, 16] = 1.0
+        >>> out = render_physical(img, torch.zeros(1, 1, 32, 32), k=6.0, disp_focus=1.0, gamma=1.0,
+        ...                       aperture=None, highlight=False, on_step=None)
+        >>> round(float(out.sum() / img.sum()), 3), float(out.max()) < 0.05  # spread, energy kept
+        (1.0, True)
     """
     work = torch.float64 if image.dtype == torch.float64 else torch.float32
     coc = (k * (disparity.to(work) - disp_focus))[:, 0]

@@ -246,7 +246,7 @@ def test_scene_sharp_foreground_over_blurred_background():
     fg = thin_lens.Plane(0.0, _blocks(NM, NM, 2), _disc(NM, NM, M + 56, M + 56, 26))
     ref, img, coc = _traced(thin_lens.Scene([fg, bg], M))
     phys, base = _psnr(_render(img, coc), ref, 12), _psnr(_scatter(img, coc), ref, 12)
-    assert phys >= 40.0, (phys, base)  # measured 44.5 dB; BokehMe-like scatter 29.7 dB (bleeding)
+    assert phys >= 40.0, (phys, base)  # measured 46.0 dB; BokehMe-like scatter 29.7 dB (bleeding)
     assert phys >= base + 10.0, (phys, base)
 
 
@@ -256,7 +256,7 @@ def test_scene_blurred_foreground_over_sharp_background():
     fg = thin_lens.Plane(12.0, _blocks(NM, NM, 4), _box(NM, NM, M + 32, M + 80, M + 32, M + 80))
     ref, img, coc = _traced(thin_lens.Scene([fg, bg], M))
     phys, base = _psnr(_render(img, coc), ref, 12), _psnr(_scatter(img, coc), ref, 12)
-    assert phys >= 39.0, (phys, base)  # measured 42.5 dB; scatter 32.6 dB (hard step at the silhouette)
+    assert phys >= 39.0, (phys, base)  # measured 42.3 dB; scatter 32.6 dB (hard step at the silhouette)
     assert phys >= base + 6.0, (phys, base)
 
 
@@ -265,7 +265,7 @@ def test_scene_three_planes():
     # overlaps the wall (c = -12) both are blurred and a ray's visibility at one plane correlates
     # with where it meets the other: layering multiplies averages instead, which alone limits this
     # edge to about 39 dB even with the true hidden wall; the wall's hidden part is also a guess
-    # up to 24 px deep. Measured 33.0 dB; scatter 29.9 dB.
+    # up to 24 px deep. Measured 33.4 dB; scatter 29.9 dB.
     far = thin_lens.Plane(-12.0, _smooth(NM, NM, 5), OPAQUE)
     mid = thin_lens.Plane(0.0, _smooth(NM, NM, 6, period=40.0), _box(NM, NM, M + 16, M + 70, M + 50, M + 100))
     fg = thin_lens.Plane(12.0, _blocks(NM, NM, 7, lo=0.3, hi=0.7), _disc(NM, NM, M + 62, M + 44, 24))
@@ -278,7 +278,7 @@ def test_scene_three_planes():
 def test_tilted_plane_has_no_seams():
     # a continuous depth ramp through the focal plane, with a high-contrast 2-px texture: no
     # occlusion anywhere, so a layered renderer must not darken, brighten or hide anything at the
-    # layer boundaries. Measured 42.9 dB (scatter, exact here by construction: 43.0 dB).
+    # layer boundaries. Measured 42.7 dB (scatter, nearly exact here by construction: 43.0 dB).
     n, m = 96, 14
     tex = _blocks(n + 2 * m, n + 2 * m, 8, cell=2)
     ref, img, coc = thin_lens.trace_tilted(tex, -7.0, 14.0 / (n - 1), m, density=2.5)
@@ -366,6 +366,24 @@ def test_float64_works_and_on_step_reports_progress():
     assert out64.dtype == torch.float64
     assert float((out64 - render_bokeh(img, disp, k=12.0, disp_focus=0.5).double()).abs().max()) < 1e-4
     assert steps and [i for i, _ in steps] == list(range(1, len(steps) + 1)) and steps[-1][0] == steps[-1][1]
+
+
+@pytest.mark.slow
+def test_large_image_paths_keep_flat_areas_and_focus():
+    # above 2 MP the renderer coarsens (r0 / 2, no 0.5 px layer, coarser hidden-surface grid)
+    h, w = 1200, 1900
+    g = torch.Generator().manual_seed(9)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    disp = (0.5 + 0.45 * torch.sin(3 * xx + 1) * torch.cos(2 * yy))[None, None]
+    disp[..., 300:900, 500:1500] = 0.3  # a block exactly in focus, wider than the largest blur (78 px)
+    flat = torch.full((1, 3, h, w), 0.4)
+    out = render_bokeh(flat, disp, k=120.0, disp_focus=0.3, gamma=2.2)
+    assert float((out - flat).abs().max()) < 1e-4
+    img = torch.rand(1, 3, h, w, generator=g)
+    img[..., 560:640, 900:1100] = torch.rand(1, 3, 80, 200, generator=g)
+    out = render_bokeh(img, disp, k=120.0, disp_focus=0.3, gamma=2.2)
+    inner = (..., slice(560, 640), slice(900, 1100))
+    assert float((out[inner] - img[inner]).abs().max()) < 1e-4
 
 
 @pytest.mark.gpu

@@ -9,6 +9,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+GENFOCUS_FIXTURE = SHARED / "fixtures" / "genfocus-parity"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -30,3 +31,23 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip("../shared is not present beside the checkout")
     return SHARED
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Pin torch to one thread for a module: tiny models are all thread synchronisation, and on a busy
+    2-core machine two threads run them ~30x slower. Use with ``pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def fx() -> Path:
+    """``../shared/fixtures/genfocus-parity`` (tiny random FLUX, LoRAs, official cases); skip when absent."""
+    if not (GENFOCUS_FIXTURE / "model").is_dir():
+        pytest.skip("../shared/fixtures/genfocus-parity is not present beside the checkout")
+    return GENFOCUS_FIXTURE

@@ -21,19 +21,7 @@ from genrefocus_core.pipeline import refocus
 FIXTURE = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "genfocus-parity"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def fx() -> Path:
-    if not (FIXTURE / "model").is_dir():
-        pytest.skip("../shared/fixtures/genfocus-parity is not present beside the checkout")
-    return FIXTURE
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model_args(fx: Path, *loras: str) -> list[str]:

@@ -24,13 +24,7 @@ TINY_FLUX = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
 TXT, IMG, COND = 8, 16, 12  # distinct token counts, so a hook can tell the streams apart
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are all thread synchronisation: on a busy 2-core machine 2 threads run ~30x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

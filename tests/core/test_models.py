@@ -25,13 +25,6 @@ FIXTURE = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "
 diffusers = pytest.importorskip("diffusers")
 
 
-@pytest.fixture(scope="module")
-def fx() -> Path:
-    if not (FIXTURE / "model").is_dir():
-        pytest.skip("../shared/fixtures/genfocus-parity is not present beside the checkout")
-    return FIXTURE
-
-
 def _to_ldm(sd: dict[str, torch.Tensor], n_up: int) -> dict[str, torch.Tensor]:
     """diffusers AutoencoderKL keys -> the original (BFL ``ae.safetensors``) layout; test-only."""
     out = {}

@@ -27,20 +27,7 @@ CASES = sorted(p.name for p in (FIXTURE / "cases").iterdir()) if (FIXTURE / "cas
 SLOW = {"deblur_tiled"}  # 576x640, 4 tiles x 28 steps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are all thread synchronisation: on a busy 2-core machine 2 threads run ~30x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def fixture_dir() -> Path:
-    if not (FIXTURE / "cases").is_dir():
-        pytest.skip("../shared/fixtures/genfocus-parity is not present beside the checkout")
-    return FIXTURE
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _params():
@@ -49,22 +36,22 @@ def _params():
 
 
 @pytest.mark.parametrize(("case", "level"), _params())
-def test_case_meets_readme_tolerances(fixture_dir, case, level):
-    rep = run_case(fixture_dir / "cases" / case, fixture_dir, level=level)
+def test_case_meets_readme_tolerances(fx, case, level):
+    rep = run_case(fx / "cases" / case, fx, level=level)
     assert rep.passed, rep.failures
     d = rep.diffs
     # every tolerance of the level was really measured (nothing silently skipped)
     want = {"scheduler_sigmas", "step_timesteps", "vae_decode_input"}
     if level == "A":
         want.add("step0_model_output")
-        if (fixture_dir / "cases" / case / "step_latents.npy").is_file():
+        if (fx / "cases" / case / "step_latents.npy").is_file():
             want.add("step_latents")
     else:
-        n_cond = len(json.loads((fixture_dir / "cases" / case / "meta.json").read_text())["generate_calls"][0]
+        n_cond = len(json.loads((fx / "cases" / case / "meta.json").read_text())["generate_calls"][0]
                      ["conditions"])
         want |= {f"cond{i}_tokens" for i in range(n_cond)}
         want |= {"cond1_input_ch0"} if case.startswith("bokeh") else {f"cond{i}_input" for i in range(n_cond)}
-        if (fixture_dir / "cases" / case / "vae_decode_output.npy").is_file():
+        if (fx / "cases" / case / "vae_decode_output.npy").is_file():
             want.add("decoded_image")
     assert want <= set(d), sorted(want - set(d))
     tol = dict(TOLERANCES[level])
@@ -77,10 +64,10 @@ def test_case_meets_readme_tolerances(fixture_dir, case, level):
             assert d[name] == 0.0, name
 
 
-def test_cli_writes_the_fixture_files(fixture_dir, tmp_path):
-    case = fixture_dir / "cases" / "deblur_pre_small"
+def test_cli_writes_the_fixture_files(fx, tmp_path):
+    case = fx / "cases" / "deblur_pre_small"
     proc = subprocess.run(
-        [sys.executable, "-m", "genrefocus_core.parity", str(case), "--fixture", str(fixture_dir),
+        [sys.executable, "-m", "genrefocus_core.parity", str(case), "--fixture", str(fx),
          "--out", str(tmp_path), "--level", "B", "--threads", "1"],
         capture_output=True, text=True, cwd=REPO, timeout=300, check=False,
     )
@@ -93,7 +80,7 @@ def test_cli_writes_the_fixture_files(fixture_dir, tmp_path):
         assert ours.shape == ref.shape and ours.dtype == ref.dtype
 
 
-def test_resize_rules_reproduce_the_processed_inputs(fixture_dir):
+def test_resize_rules_reproduce_the_processed_inputs(fx):
     from PIL import Image
 
     def load(p):
@@ -103,9 +90,9 @@ def test_resize_rules_reproduce_the_processed_inputs(fixture_dir):
     for case, src, long_side in (("deblur_small", "blurry_90x140.png", 0),
                                  ("bokeh_point_longside", "aif_128x192.png", 160),
                                  ("bokeh_mask", "aif_128x192.png", 0)):
-        img = load(fixture_dir / "inputs" / src)
+        img = load(fx / "inputs" / src)
         out, _ = resize_for_generation(img, long_side)
-        ref = load(fixture_dir / "cases" / case / "cond0_input.png")
+        ref = load(fx / "cases" / case / "cond0_input.png")
         assert out.shape == ref.shape, case
         assert float((out - ref).abs().max()) * 255 < 0.5, case
     assert processed_size(192, 128, 160).crop == (0, 5, 160, 96)
@@ -114,15 +101,15 @@ def test_resize_rules_reproduce_the_processed_inputs(fixture_dir):
         processed_size(100, 100, -1)
 
 
-def test_prompt_embeddings_load_and_verify(fixture_dir, tmp_path):
-    p = load_prompt_embeddings(fixture_dir / "inputs" / "prompt_embeds.safetensors",
+def test_prompt_embeddings_load_and_verify(fx, tmp_path):
+    p = load_prompt_embeddings(fx / "inputs" / "prompt_embeds.safetensors",
                                joint_attention_dim=32, pooled_projection_dim=32)
     assert p["deblur"].prompt == "a sharp photo with everything in focus"
     assert p["bokeh"].prompt_embeds.shape == (1, 32, 32) and p["bokeh"].pooled.shape == (1, 32)
     with pytest.raises(GenRefocusModelError, match=r"deblur.prompt_embeds must have shape \(1, L, 4096\)"):
-        load_prompt_embeddings(fixture_dir / "inputs" / "prompt_embeds.safetensors", joint_attention_dim=4096)
+        load_prompt_embeddings(fx / "inputs" / "prompt_embeds.safetensors", joint_attention_dim=4096)
     with pytest.raises(GenRefocusModelError, match="made by text encoders with hash None"):
-        load_prompt_embeddings(fixture_dir / "inputs" / "prompt_embeds.safetensors", encoder_hash="abc")
+        load_prompt_embeddings(fx / "inputs" / "prompt_embeds.safetensors", encoder_hash="abc")
     wrong = {"deblur": PromptEmbedding("a blurry photo", torch.zeros(1, 4, 8), torch.zeros(1, 8))}
     save_prompt_embeddings(tmp_path / "w.safetensors", wrong)
     with pytest.raises(GenRefocusModelError, match="expected the official"):
@@ -137,8 +124,8 @@ def test_prompt_embeddings_load_and_verify(fixture_dir, tmp_path):
     assert got["bokeh"].prompt_embeds.dtype == torch.bfloat16
 
 
-def test_runner_rejects_bad_arguments(fixture_dir, tmp_path):
+def test_runner_rejects_bad_arguments(fx, tmp_path):
     with pytest.raises(GenRefocusInputError, match="level"):
-        run_case(fixture_dir / "cases" / CASES[0], fixture_dir, level="C")
+        run_case(fx / "cases" / CASES[0], fx, level="C")
     with pytest.raises(GenRefocusInputError, match=r"meta\.json"):
-        run_case(tmp_path, fixture_dir)
+        run_case(tmp_path, fx)

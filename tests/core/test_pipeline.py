@@ -29,20 +29,7 @@ FIXTURE = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "
 STEPS = GenerationOptions(steps=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are all thread synchronisation: one thread is much faster on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def fx() -> Path:
-    if not (FIXTURE / "model").is_dir():
-        pytest.skip("../shared/fixtures/genfocus-parity is not present beside the checkout")
-    return FIXTURE
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -30,13 +30,7 @@ FLUX_DEV_SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_
                           num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are all thread synchronisation: on a busy 2-core machine 2 threads run ~30x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(("steps", "tokens"), [(28, 54), (28, 1024), (8, 4096), (50, 12288), (1, 1440)])

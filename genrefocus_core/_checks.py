@@ -65,3 +65,23 @@ def check_same_batch_and_size(name_a: str, a: Tensor, name_b: str, b: Tensor) ->
         raise GenRefocusInputError(
             f"{name_b} must have batch size 1 or {a.shape[0]} (that of {name_a}), got {b.shape[0]}"
         )
+
+
+def check_render_inputs(
+    image: Tensor, disparity: Tensor, k: object, disp_focus: object, gamma: object
+) -> tuple[float, float, float]:
+    """The common guards of a bokeh renderer call; returns ``(k, disp_focus, gamma)`` as floats.
+
+    ``image`` must be ``(B, 3, H, W)``, ``disparity`` ``(B or 1, 1, H, W)``, both finite;
+    ``k >= 0``, ``gamma`` in [1, 5].
+    """
+    check_bchw("image", image, 3)
+    check_bchw("disparity", disparity, 1)
+    check_same_batch_and_size("image", image, "disparity", disparity)
+    check_finite("image", image)
+    check_finite("disparity", disparity)
+    return (
+        check_number("k", k, lo=0.0),
+        check_number("disp_focus", disp_focus),
+        check_number("gamma", gamma, lo=1.0, hi=5.0),
+    )

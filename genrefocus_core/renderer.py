@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._checks import check_bchw, check_finite, check_number, check_same_batch_and_size
+from ._checks import check_render_inputs
 from .aperture import Aperture
 from .errors import GenRefocusInputError
 
@@ -73,14 +73,7 @@ def render_bokeh(
         >>> bool(torch.allclose(out, img, atol=1e-4))  # a constant image stays constant
         True
     """
-    check_bchw("image", image, 3)
-    check_bchw("disparity", disparity, 1)
-    check_same_batch_and_size("image", image, "disparity", disparity)
-    check_finite("image", image)
-    check_finite("disparity", disparity)
-    k = check_number("k", k, lo=0.0)
-    disp_focus = check_number("disp_focus", disp_focus)
-    gamma = check_number("gamma", gamma, lo=1.0, hi=5.0)
+    k, disp_focus, gamma = check_render_inputs(image, disparity, k, disp_focus, gamma)
     if mode not in RENDER_MODES:
         raise GenRefocusInputError(f"mode must be one of {', '.join(RENDER_MODES)}, got {mode!r}")
     if aperture is not None and not isinstance(aperture, Aperture):

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._checks import check_bchw, check_finite, check_number, check_same_batch_and_size
+from ._checks import check_number, check_render_inputs
 from .errors import GenRefocusInputError
 
 __all__ = ["scatter_reference"]
@@ -76,14 +76,7 @@ def scatter_reference(
         >>> bool(torch.allclose(out, img, atol=1e-6))
         True
     """
-    check_bchw("image", image, 3)
-    check_bchw("disparity", disparity, 1)
-    check_same_batch_and_size("image", image, "disparity", disparity)
-    check_finite("image", image)
-    check_finite("disparity", disparity)
-    k = check_number("k", k, lo=0.0)
-    disp_focus = check_number("disp_focus", disp_focus)
-    gamma = check_number("gamma", gamma, lo=1.0, hi=5.0)
+    k, disp_focus, gamma = check_render_inputs(image, disparity, k, disp_focus, gamma)
     init_angle = check_number("init_angle", init_angle)
     if poly_sides is not None and (isinstance(poly_sides, bool) or not isinstance(poly_sides, int)
                                    or poly_sides < 3):

@@ -149,10 +149,14 @@ def _convolve(x: Tensor, lam: float, s: int, kernels: Kernels) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-def _box2(x: Tensor) -> Tensor:
-    """2x2 box average of ``(..., h, w)`` with even ``h``, ``w``."""
-    out = (x[..., 0::2, 0::2] + x[..., 1::2, 0::2]).add_(x[..., 0::2, 1::2]).add_(x[..., 1::2, 1::2])
-    return out.mul_(0.25)
+def _box(x: Tensor, f: int) -> Tensor:
+    """``f x f`` box average of ``(..., C, h, w)`` (``h``, ``w`` multiples of ``f``)."""
+    if f == 1:
+        return x
+    if f == 2:  # four strided adds beat avg_pool2d's kernel at this factor on CPU
+        out = (x[..., 0::2, 0::2] + x[..., 1::2, 0::2]).add_(x[..., 0::2, 1::2]).add_(x[..., 1::2, 1::2])
+        return out.mul_(0.25)
+    return F.avg_pool2d(x, f)
 
 
 def _halve(x: Tensor) -> Tensor:
@@ -183,16 +187,15 @@ def _relax(val: Tensor, value: Tensor, free: Tensor, sweeps: int) -> Tensor:
 
     The border is reflective (a missing neighbour counts as the cell itself).
     """
+    if sweeps <= 0:
+        return val
+    quarter = free * 0.25
     for _ in range(sweeps):
-        nb = val.clone()
-        nb[:, 1:] = val[:, :-1]
-        nb[:, :-1] += val[:, 1:]
-        nb[:, -1] += val[:, -1]
-        nb[:, :, 1:] += val[:, :, :-1]
-        nb[:, :, 0] += val[:, :, 0]
-        nb[:, :, :-1] += val[:, :, 1:]
-        nb[:, :, -1] += val[:, :, -1]
-        val = nb.mul_(0.25).mul_(free).add_(value)
+        p = F.pad(val[None], (1, 1, 1, 1), mode="replicate")[0]
+        nb = p[:, :-2, 1:-1] + p[:, 2:, 1:-1]
+        nb += p[:, 1:-1, :-2]
+        nb += p[:, 1:-1, 2:]
+        val = torch.addcmul(value, quarter, nb)
     return val
 
 
@@ -213,9 +216,12 @@ def _pull_push(value: Tensor, weight: Tensor, relax: int = 0, relax_from: int = 
         return w if pick is None else w.index_select(0, pick)
 
     levels = []
-    while max(value.shape[-2:]) > 1 and float(weight.amin()) <= 0.0:
-        levels.append((value, weight))
-        value, weight = _halve(value), _halve(weight)
+    c = value.shape[0]
+    both = torch.cat([value, weight])  # halved together: one pass per level
+    while max(both.shape[-2:]) > 1 and float(both[c:].amin()) <= 0.0:
+        levels.append((both[:c], both[c:]))
+        both = _halve(both)
+    value, weight = both[:c], both[c:]
     weight = per_channel(weight)
     total = weight.sum(dim=(1, 2), keepdim=True)
     mean = value.sum(dim=(1, 2), keepdim=True) / total.clamp_min(1e-12)
@@ -424,11 +430,12 @@ def layer_tiles(frame: Frame, index: int, kernels: Kernels) -> tuple[Tensor, Ten
 
 
 def window_to_tiles(window: Tensor, cy: int, cx: int, frame: Frame,
-                    key: int = 3) -> tuple[Tensor, Tensor] | None:
+                    key: int | slice = 3) -> tuple[Tensor, Tensor] | None:
     """Cut a full-resolution window ``(C, h, w)`` (top-left ``cy``, ``cx``) into the frame's tiles.
 
-    Tiles where channel ``key`` is zero everywhere are dropped. Returns ``(slots, (n, C, TILE, TILE))``
-    or ``None``.
+    Tiles where channel(s) ``key`` are zero everywhere are dropped. Returns
+    ``(slots, (n, C, TILE, TILE))`` or ``None``. A window already on the tile grid is cut without
+    a copy of the whole window.
     """
     hp, wp = frame.beta.shape
     c, h, w = window.shape
@@ -437,11 +444,16 @@ def window_to_tiles(window: Tensor, cy: int, cx: int, frame: Frame,
         return None
     ty0, tx0 = ya // TILE, xa // TILE
     ty1, tx1 = -(-yb // TILE), -(-xb // TILE)
-    buf = window.new_zeros(c, (ty1 - ty0) * TILE, (tx1 - tx0) * TILE)
-    oy, ox = ty0 * TILE, tx0 * TILE
-    buf[:, ya - oy:yb - oy, xa - ox:xb - ox] = window[:, ya - cy:yb - cy, xa - cx:xb - cx]
+    if (ya, xa, yb, xb) == (cy, cx, cy + h, cx + w) and cy % TILE == 0 and cx % TILE == 0 \
+            and h % TILE == 0 and w % TILE == 0:
+        buf = window
+    else:
+        buf = window.new_zeros(c, (ty1 - ty0) * TILE, (tx1 - tx0) * TILE)
+        oy, ox = ty0 * TILE, tx0 * TILE
+        buf[:, ya - oy:yb - oy, xa - ox:xb - ox] = window[:, ya - cy:yb - cy, xa - cx:xb - cx]
     tiles = buf.view(c, ty1 - ty0, TILE, tx1 - tx0, TILE).permute(1, 3, 0, 2, 4)
-    keep = torch.nonzero(tiles[:, :, key].amax(dim=(2, 3)) > 0)
+    sel = tiles[:, :, key]
+    keep = torch.nonzero(sel.flatten(2).amax(dim=2) > 0)
     if len(keep) == 0:
         return None
     slots = (keep[:, 0] + ty0) * (wp // TILE) + keep[:, 1] + tx0
@@ -469,18 +481,12 @@ def layer_window(frame: Frame, index: int, s: int, kernels: Kernels) -> tuple[tu
     y0, x0 = int(ty.min()) // k * k, int(tx.min()) // k * k
     nyw, nxw = -(-(int(ty.max()) + 1 - y0) // k) * k, -(-(int(tx.max()) + 1 - x0) // k) * k
     x = _tile_content(frame, ty * own.shape[1] + tx, index, occluded)
-    done = 1
-    while done < s and x.shape[-1] > 1:
-        x, done = _box2(x), done * 2
-    x = _scatter_tiles(x, (ty - y0) * nxw + (tx - x0), nyw, nxw)
-    while done < s:
-        x, done = _box2(x), done * 2
+    first = min(s, TILE)  # within the tiles first (less to scatter), then the rest on the window
+    x = _scatter_tiles(_box(x, first), (ty - y0) * nxw + (tx - x0), nyw, nxw)
+    x = _box(x, s // first)
     wy0, wx0 = y0 * TILE // s, x0 * TILE // s  # top-left cell of the window
     if occluded and float(x[4].amax()) > 0.0:
-        coarse = x
-        for _ in range(q.bit_length() - 1):
-            coarse = _box2(coarse)
-        part = _fill_fields(coarse, reach / (q * s))
+        part = _fill_fields(_box(x, q), reach / (q * s))
         if q > 1:
             part = F.interpolate(part[None], scale_factor=q, mode="bilinear", align_corners=False)[0]
         hidden = x[4:5] * part[3:4]
@@ -543,8 +549,9 @@ def _layer_tiled(frame: Frame, index: int, kernels: Kernels) -> tuple[Tensor, Te
               (1, slice(TILE + r, TILE + 2 * r), slice(0, r)))
     for dy, src_y, dst_y in pieces:
         for dx, src_x, dst_x in pieces:
-            # one target per patch: indexed additions stay deterministic on every device
-            out[:, :, dst_y, dst_x].index_add_(0, grid[ty + 1 + dy, tx + 1 + dx], parts[:, :, src_y, src_x])
+            # one target per patch and pass (distinct indices): deterministic on every device, and
+            # a gather-add-scatter beats index_add_ into a strided view on CPU
+            out[grid[ty + 1 + dy, tx + 1 + dx], :, dst_y, dst_x] += parts[:, :, src_y, src_x]
     gy, gx = out_pos[:, 0] - 1, out_pos[:, 1] - 1
     inside = (gy >= 0) & (gy < ny) & (gx >= 0) & (gx < nx)
     return (gy * nx + gx)[inside], out[inside]
@@ -566,10 +573,7 @@ def _hidden_tiles(x: Tensor, ry: Tensor, rx: Tensor, nyw: int, nxw: int, reach: 
     """
     cells = TILE // q
     flat = ry * nxw + rx
-    coarse = x
-    for _ in range(q.bit_length() - 1):
-        coarse = _box2(coarse)
-    canvas = _scatter_tiles(coarse, flat, nyw, nxw)  # (6, nyw T/q, nxw T/q)
+    canvas = _scatter_tiles(_box(x, q), flat, nyw, nxw)  # (6, nyw T/q, nxw T/q)
     fields = _fill_fields(canvas, reach / q)
     padded = F.pad(fields[None], (1, 1, 1, 1), mode="replicate")[0]
     # overlapping (T/q + 2)-cell windows, one per tile, as a view; gather the tiles given

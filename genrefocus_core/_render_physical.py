@@ -217,13 +217,15 @@ class _Group:
         last = self.pending
         if self.box is not None:
             hh, ww = self.cov.shape[-2:]
-            y0, y1 = max(0, self.box[0] - 1), min(hh, self.box[1] + 1)
-            x0, x1 = max(0, self.box[2] - 1), min(ww, self.box[3] + 1)
+            # the box and one empty cell around it, widened to whole full-resolution tiles (beyond
+            # the empty cell the upsampled layer is zero either way): cut into tiles without a copy
+            a = max(1, TILE // s)
+            y0, y1 = max(0, self.box[0] - 1) // a * a, min(hh, -(-(self.box[1] + 1) // a) * a)
+            x0, x1 = max(0, self.box[2] - 1) // a * a, min(ww, -(-(self.box[3] + 1) // a) * a)
             win = (slice(None), slice(y0, y1), slice(x0, x1))
-            coarse = torch.cat([self.num[win], self.cov[win], self.occ[win], self.before[win],
-                                self.cov[win] + self.occ[win]])
+            coarse = torch.cat([self.num[win], self.cov[win], self.occ[win], self.before[win]])
             up = F.interpolate(coarse[None], scale_factor=s, mode="bilinear", align_corners=False)[0]
-            tiles = window_to_tiles(up, y0 * s, x0 * s, acc.frame, key=6)
+            tiles = window_to_tiles(up, y0 * s, x0 * s, acc.frame, key=slice(3, 5))
             if tiles is not None:
                 slots, t = tiles
                 exact = (1.0 - acc.occ.index_select(0, slots)).clamp_(0.0, 1.0)

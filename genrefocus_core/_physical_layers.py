@@ -480,7 +480,7 @@ def layer_window(frame: Frame, index: int, s: int, kernels: Kernels) -> tuple[tu
     k = max(1, (q * s) // TILE)  # the window spans whole hidden-surface cells
     y0, x0 = int(ty.min()) // k * k, int(tx.min()) // k * k
     nyw, nxw = -(-(int(ty.max()) + 1 - y0) // k) * k, -(-(int(tx.max()) + 1 - x0) // k) * k
-    x = _tile_content(frame, ty * own.shape[1] + tx, index, occluded)
+    x = _tile_content(frame, ty * own.shape[1] + tx, index, occluded, own[ty, tx])
     first = min(s, TILE)  # within the tiles first (less to scatter), then the rest on the window
     x = _scatter_tiles(_box(x, first), (ty - y0) * nxw + (tx - x0), nyw, nxw)
     x = _box(x, s // first)
@@ -505,12 +505,29 @@ def layer_window(frame: Frame, index: int, s: int, kernels: Kernels) -> tuple[tu
     return (wy0 + cy0 - r, wx0 + cx0 - r), rgba
 
 
-def _tile_content(frame: Frame, flat: Tensor, index: int, occluded: bool) -> Tensor:
-    """:func:`_content` of the full-resolution tiles ``flat`` (row-major tile indices)."""
-    data = frame.tile_data.index_select(0, flat)
-    t = data[:, 0]
-    return _content(frame.tile_beta.index_select(0, flat), t, 1.0 - t, data[:, 1:], index, occluded,
-                    len(frame.radii) - 1)
+def _tile_content(frame: Frame, flat: Tensor, index: int, occluded: bool, own: Tensor) -> Tensor:
+    """:func:`_content` of the full-resolution tiles ``flat`` (row-major tile indices).
+
+    ``own`` ``(n,)`` bool marks the tiles that may hold the layer's pixels; the others (tiles
+    only near the layer, for its hidden surface) get zero colour and alpha without computing them.
+    """
+    nb = len(frame.radii) - 1
+    if bool(own.all()):
+        data = frame.tile_data.index_select(0, flat)
+        t = data[:, 0]
+        return _content(frame.tile_beta.index_select(0, flat), t, 1.0 - t, data[:, 1:], index, occluded, nb)
+    x = frame.tile_data.new_zeros(len(flat), 6, TILE, TILE)
+    mine = torch.nonzero(own).flatten()
+    if len(mine):
+        x[mine] = _content(frame.tile_beta.index_select(0, flat[mine]), frame.tile_data[flat[mine], 0],
+                           1.0 - frame.tile_data[flat[mine], 0], frame.tile_data[flat[mine], 1:], index,
+                           True, nb)
+    rest = torch.nonzero(~own).flatten()
+    beta = frame.tile_beta.index_select(0, flat[rest])
+    t = frame.tile_data[flat[rest], 0]
+    x[rest, 4] = torch.where(beta <= index - 3, 1.0, torch.where(beta == index - 2, t, 0.0))
+    x[rest, 5] = (beta > nb).to(x.dtype)
+    return x
 
 
 def _layer_tiled(frame: Frame, index: int, kernels: Kernels) -> tuple[Tensor, Tensor] | None:
@@ -524,7 +541,7 @@ def _layer_tiled(frame: Frame, index: int, kernels: Kernels) -> tuple[Tensor, Te
     occluded = bool(near.any())
     ty, tx = torch.nonzero(own | near, as_tuple=True)
     ny, nx = own.shape
-    x = _tile_content(frame, ty * own.shape[1] + tx, index, occluded)
+    x = _tile_content(frame, ty * own.shape[1] + tx, index, occluded, own[ty, tx])
     if occluded and float(x[:, 4].amax()) > 0.0:
         y0, x0 = int(ty.min()), int(tx.min())
         _hidden_tiles(x, ty - y0, tx - x0, int(ty.max()) + 1 - y0, int(tx.max()) + 1 - x0, reach,

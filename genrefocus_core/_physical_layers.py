@@ -139,9 +139,10 @@ def _convolve(x: Tensor, lam: float, s: int, kernels: Kernels) -> Tensor:
     out = torch.view_as_real(torch.fft.ifft2(spec))[..., :h + 2 * r, :w + 2 * r, :]
     out = out.movedim(-1, -3).flatten(-4, -3)
     # FFT round-off spreads ~eps * max everywhere; where nothing was blurred it must stay zero
-    # (a dark in-focus pixel raised to 1/gamma would show it)
-    tol = 16.0 * torch.finfo(x.dtype).eps * float(x.abs().amax())
-    return out.masked_fill_(out.abs() < tol, 0.0)
+    # (a dark in-focus pixel raised to 1/gamma would show it). Layer content is non-negative, so
+    # is its blur: anything below the round-off level, negative values included, is zero.
+    tol = 16.0 * torch.finfo(x.dtype).eps * max(float(x.amax()), -float(x.amin()))
+    return F.threshold_(out, tol, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------

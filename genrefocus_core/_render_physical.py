@@ -268,7 +268,7 @@ def _render_one(lin: Tensor, coc: Tensor, aperture: Aperture | None, step: Calla
             current = None
             if placed is not None:
                 slots, rgba = placed
-                rgba = torch.cat([rgba[:, :3], rgba[:, 3:4].clamp(0.0, 1.0)], dim=1)
+                rgba[:, 3:4].clamp_(0.0, 1.0)  # a fresh tensor: clamped in place
                 acc.add(slots, rgba)
                 current = (slots, rgba[:, 3:4])
             acc.step(current)

@@ -461,6 +461,24 @@ def window_to_tiles(window: Tensor, cy: int, cx: int, frame: Frame,
     return slots, tiles[keep[:, 0], keep[:, 1]]
 
 
+def _support(frame: Frame, index: int, kernels: Kernels) -> tuple[Tensor, Tensor, Tensor, int, bool] | None:
+    """Full-resolution tiles of layer ``index``: those holding its pixels or its hidden surface.
+
+    Returns ``(ty, tx, content, reach, occluded)``: tile rows and columns ``(n,)``, the layer's
+    content there (:func:`_tile_content`), the reach of its hidden surface in px and whether
+    anything occludes it; ``None`` if the layer is empty.
+    """
+    own = _own_tiles(frame, index)
+    if not bool(own.any()):
+        return None
+    reach = _reach(frame, index, kernels, own)
+    near = _dilate(own, reach / TILE) & frame.below[index - 2] if reach > 0 else torch.zeros_like(own)
+    occluded = bool(near.any())
+    ty, tx = torch.nonzero(own | near, as_tuple=True)
+    content = _tile_content(frame, ty * own.shape[1] + tx, index, occluded, own[ty, tx])
+    return ty, tx, content, reach, occluded
+
+
 def layer_window(frame: Frame, index: int, s: int, kernels: Kernels) -> tuple[tuple[int, int], Tensor] | None:
     """Blurred premultiplied RGBA of layer ``index`` on one window of the level-``s`` grid.
 
@@ -470,18 +488,14 @@ def layer_window(frame: Frame, index: int, s: int, kernels: Kernels) -> tuple[tu
     cells of that grid (the window may reach past the image by the kernel's half-size), or
     ``None`` if empty.
     """
-    own = _own_tiles(frame, index)
-    if not bool(own.any()):
+    support = _support(frame, index, kernels)
+    if support is None:
         return None
-    reach = _reach(frame, index, kernels, own)
-    near = _dilate(own, reach / TILE) & frame.below[index - 2] if reach > 0 else torch.zeros_like(own)
-    occluded = bool(near.any())
-    ty, tx = torch.nonzero(own | near, as_tuple=True)
+    ty, tx, x, reach, occluded = support
     q = max(1, frame.fill_cell // s)  # hidden-surface cells, in cells of this grid
     k = max(1, (q * s) // TILE)  # the window spans whole hidden-surface cells
     y0, x0 = int(ty.min()) // k * k, int(tx.min()) // k * k
     nyw, nxw = -(-(int(ty.max()) + 1 - y0) // k) * k, -(-(int(tx.max()) + 1 - x0) // k) * k
-    x = _tile_content(frame, ty * own.shape[1] + tx, index, occluded, own[ty, tx])
     first = min(s, TILE)  # within the tiles first (less to scatter), then the rest on the window
     x = _scatter_tiles(_box(x, first), (ty - y0) * nxw + (tx - x0), nyw, nxw)
     x = _box(x, s // first)
@@ -534,15 +548,11 @@ def _tile_content(frame: Frame, flat: Tensor, index: int, occluded: bool, own: T
 def _layer_tiled(frame: Frame, index: int, kernels: Kernels) -> tuple[Tensor, Tensor] | None:
     """:func:`layer_tiles` at full resolution, on the tiles that hold the layer or its hidden surface."""
     lam = frame.radii[index]
-    own = _own_tiles(frame, index)
-    if not bool(own.any()):
+    support = _support(frame, index, kernels)
+    if support is None:
         return None
-    reach = _reach(frame, index, kernels, own)
-    near = _dilate(own, reach / TILE) & frame.below[index - 2] if reach > 0 else torch.zeros_like(own)
-    occluded = bool(near.any())
-    ty, tx = torch.nonzero(own | near, as_tuple=True)
-    ny, nx = own.shape
-    x = _tile_content(frame, ty * own.shape[1] + tx, index, occluded, own[ty, tx])
+    ty, tx, x, reach, occluded = support
+    ny, nx = frame.presence.shape[1:]
     if occluded and float(x[:, 4].amax()) > 0.0:
         y0, x0 = int(ty.min()), int(tx.min())
         _hidden_tiles(x, ty - y0, tx - x0, int(ty.max()) + 1 - y0, int(tx.max()) + 1 - x0, reach,

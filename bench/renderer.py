@@ -13,7 +13,8 @@ the speed-ups over the brute-force scatter and the PSNR of "bokehme" against the
 output check). A scatter run predicted to take longer than ``--max-scatter-seconds`` is not run;
 its time is estimated from the measured ns per tap of the same ``K`` at the smallest size
 (taps = sum over pixels of ``(2 floor(r) + 3)**2``) and marked ``~est``. Last, one 3840x2160 render
-of "physical" with a largest CoC radius of about 100 px. ``--quick``: 1 MP only, one run each.
+of "physical" with a largest CoC radius of about 100 px (best of two or more: the first includes
+one-off setup). ``--quick``: 1 MP only, one run each.
 """
 
 from __future__ import annotations
@@ -171,8 +172,9 @@ def main() -> None:
     if physical_ok:
         try:
             t4k, _ = best_time(partial(render_bokeh, img4k, disp4k, k=k4k, disp_focus=D_F, gamma=GAMMA,
-                                       mode="physical"), 1)
-            out(f"physical, 3840 x 2160, K = {k4k:.1f} (max CoC radius 100 px): {t4k:.2f} s")
+                                       mode="physical"), max(2, repeat))
+            out(f"physical, 3840 x 2160, K = {k4k:.1f} (max CoC radius 100 px): {t4k:.2f} s "
+                f"(best of {max(2, repeat)}; the first run includes one-off kernel and FFT-plan setup)")
         except Exception as e:  # see above
             out(f"physical, 3840 x 2160: n/a ({type(e).__name__}: {e})")
     else:

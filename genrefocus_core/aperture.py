@@ -21,17 +21,16 @@ Conventions shared by every function here:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import threading
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from ._aperture_raster import Raster, clear_raster_caches, image_digest, raster_coverage, raster_for
 from ._checks import check_finite, check_number
 from .errors import GenRefocusInputError
 
@@ -113,8 +112,6 @@ _SS = 8  # kernel supersampling per axis
 _EDGE_PX = 1.0  # pixels whose centre is farther than this from the outline are fully in or out
 _BLEND_LO, _BLEND_HI = 1.0, 3.0  # radii (px) over which the shape fades in from a disc
 _STAR_INNER = (3.0 - math.sqrt(5.0)) / 2.0  # notch radius of a regular pentagram (tips at 1)
-_RASTER_MAX = 512  # working resolution of raster apertures (long side of the open bounding box)
-_ROT_SS = 4  # supersampling used to rotate a raster aperture
 
 # Heart = a square standing on a corner (|x| + |y| <= 1) with a disc of radius 1/sqrt(2) on the
 # midpoint of each upper side. Its bounding box spans y in [-1, 1/2 + 1/sqrt(2)], so the optical
@@ -250,141 +247,7 @@ def _analytic_coverage(spec: _Spec, n: int, radius_px: float, ss: int) -> Tensor
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Raster (image) apertures
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Raster:
-    """A raster aperture ready for resampling: optical axis at ``(H/2, W/2)`` (pixel-edge units)."""
-
-    data: Tensor  # (H, W) float64 coverage, rotated
-    rc: float  # circumscribed radius (farthest corner of an open pixel, before rotation), raster px
-    extent: float  # farthest corner of an open pixel of ``data``, raster px
-    area: float  # summed coverage, raster px^2
-
-
-def _overlaps(n_out: int, lo0: float, step: float, n_in: int) -> Tensor:
-    """``(n_out, n_in)`` lengths of overlap of ``[lo0 + i*step, lo0 + (i+1)*step]`` with ``[j, j+1]``."""
-    lo = lo0 + step * torch.arange(n_out, dtype=torch.float64)[:, None]
-    j = torch.arange(n_in, dtype=torch.float64)[None, :]
-    return (torch.minimum(lo + step, j + 1.0) - torch.maximum(lo, j)).clamp(min=0.0)
-
-
-def _far_corner(data: Tensor) -> float:
-    """Distance from the raster centre to the farthest corner of a pixel with coverage > 0."""
-    h, w = data.shape
-    iy, ix = (data > 0).nonzero(as_tuple=True)
-    dy = torch.maximum((iy - h / 2.0).abs(), (iy + 1 - h / 2.0).abs())
-    dx = torch.maximum((ix - w / 2.0).abs(), (ix + 1 - w / 2.0).abs())
-    return float(torch.hypot(dx.double(), dy.double()).max())
-
-
-def _rotate_raster(data: Tensor, rotation_deg: float) -> Tensor:
-    """Rotate a centred raster counter-clockwise on screen, with supersampled area averaging."""
-    quarter = rotation_deg / 90.0
-    if quarter == round(quarter):
-        return torch.rot90(data, k=round(quarter) % 4, dims=(0, 1))
-    h, w = data.shape
-    a = math.radians(rotation_deg)
-    c, s = math.cos(a), math.sin(a)
-    h2 = math.ceil(abs(w * s) + abs(h * c)) + 2
-    w2 = math.ceil(abs(w * c) + abs(h * s)) + 2
-    off = (torch.arange(_ROT_SS, dtype=torch.float64) + 0.5) / _ROT_SS
-    xs = ((torch.arange(w2, dtype=torch.float64)[:, None] + off).reshape(-1) - w2 / 2.0)[None, :]
-    out = torch.empty(h2, w2, dtype=torch.float64)
-    flat = data.reshape(-1)
-    rows = max(1, (1 << 18) // (w2 * _ROT_SS * _ROT_SS))
-    for i0 in range(0, h2, rows):
-        i1 = min(h2, i0 + rows)
-        ys = ((torch.arange(i0, i1, dtype=torch.float64)[:, None] + off).reshape(-1) - h2 / 2.0)[:, None]
-        # inverse rotation of the sample point (y down: a CCW turn on screen is clockwise in (x, y))
-        sx = torch.floor(xs * c - ys * s + w / 2.0).long()
-        sy = torch.floor(xs * s + ys * c + h / 2.0).long()
-        ok = (sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)
-        vals = torch.where(ok, flat[(sy.clamp(0, h - 1) * w + sx.clamp(0, w - 1))], 0.0)
-        out[i0:i1] = vals.reshape(i1 - i0, _ROT_SS, w2, _ROT_SS).mean(dim=(1, 3))
-    return out
-
-
-def _prepare_raster(image: Tensor, rotation_deg: float) -> _Raster:
-    """Crop to the open bounding box, centre, cap the resolution (area averaging) and rotate."""
-    img = image.detach().to(device="cpu", dtype=torch.float64)
-    check_finite("image", img)
-    lo, hi = float(img.min()), float(img.max())
-    if lo < 0.0 or hi > 1.0:
-        raise GenRefocusInputError(f"image must hold values in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
-    rows = (img > 0).any(dim=1).nonzero().flatten()
-    cols = (img > 0).any(dim=0).nonzero().flatten()
-    crop = img[int(rows[0]) : int(rows[-1]) + 1, int(cols[0]) : int(cols[-1]) + 1]
-    rc = _far_corner(crop)
-    area = float(crop.sum())
-    h, w = crop.shape
-    f = max(h, w) / _RASTER_MAX
-    if f > 1.0:  # exact box-filter downscale, keeping the box centre at the grid centre
-        h2, w2 = math.ceil(h / f), math.ceil(w / f)
-        wy = _overlaps(h, (h2 - h / f) / 2.0, 1.0 / f, h2).T
-        wx = _overlaps(w, (w2 - w / f) / 2.0, 1.0 / f, w2).T
-        crop = wy @ crop @ wx.T
-        rc, area = rc / f, area / f**2
-    data = _rotate_raster(crop, rotation_deg)
-    return _Raster(data=data, rc=rc, extent=_far_corner(data), area=area)
-
-
-def _raster_coverage(raster: _Raster, n: int, radius_px: float) -> Tensor:
-    """``(n, n)`` float64 coverage of the raster scaled so its circumscribed radius is ``radius_px``."""
-    s = radius_px / raster.rc  # kernel px per raster px
-    h, w = raster.data.shape
-    lo = -(n / 2.0) / s
-    wy = _overlaps(n, lo + h / 2.0, 1.0 / s, h)
-    wx = _overlaps(n, lo + w / 2.0, 1.0 / s, w)
-    return ((wy @ raster.data @ wx.T) * s * s).clamp(0.0, 1.0)
-
-
-_LOCK = threading.Lock()
-_DIGESTS: dict[int, tuple[weakref.ref, int, str]] = {}
-_RASTERS: OrderedDict[tuple[str, float], _Raster] = OrderedDict()
-_RASTERS_MAX = 8
-
-
-def _image_digest(image: Tensor) -> str:
-    """Content hash of an aperture image, memoised per tensor object and version counter."""
-    version = None if image.is_inference() else image._version
-    with _LOCK:
-        hit = _DIGESTS.get(id(image))
-    if hit is not None and version is not None and hit[0]() is image and hit[1] == version:
-        return hit[2]
-    arr = image.detach().to(device="cpu", dtype=torch.float32).contiguous()
-    h = hashlib.blake2b(repr(tuple(arr.shape)).encode(), digest_size=16)
-    h.update(arr.numpy().tobytes())
-    digest = h.hexdigest()
-    if version is not None:  # inference tensors have no version counter: hash them every time
-        key = id(image)
-        ref = weakref.ref(image, lambda _r, key=key: _DIGESTS.pop(key, None))
-        with _LOCK:
-            _DIGESTS[key] = (ref, version, digest)
-    return digest
-
-
-def _raster_for(spec: _Spec, image: Tensor | None = None) -> _Raster:
-    key = (spec.digest, spec.rotation)
-    with _LOCK:
-        raster = _RASTERS.get(key)
-        if raster is not None:
-            _RASTERS.move_to_end(key)
-            return raster
-    if image is None:  # evicted between _spec_of and use: cannot happen within one call
-        raise RuntimeError("raster aperture missing from cache")
-    raster = _prepare_raster(image, spec.rotation)
-    with _LOCK:
-        _RASTERS[key] = raster
-        while len(_RASTERS) > _RASTERS_MAX:
-            _RASTERS.popitem(last=False)
-    return raster
-
-
-def _spec_of(aperture: Aperture | None) -> tuple[_Spec, _Raster | None]:
+def _spec_of(aperture: Aperture | None) -> tuple[_Spec, Raster | None]:
     """Validate ``aperture`` and return its unit-shape description (and raster, for images)."""
     if aperture is None:
         return _DISC, None
@@ -398,10 +261,10 @@ def _spec_of(aperture: Aperture | None) -> tuple[_Spec, _Raster | None]:
     if shape == "heart":
         return _Spec("heart", rotation=rot, area=_HEART_AREA), None
     if shape == "image":
-        spec = _Spec("image", rotation=rot_deg, digest=_image_digest(aperture.image))
-        raster = _raster_for(spec, aperture.image)
+        digest = image_digest(aperture.image)
+        raster = raster_for(digest, rot_deg, aperture.image)
         area = raster.area / raster.rc**2
-        return _Spec("image", rotation=rot_deg, digest=spec.digest, area=area,
+        return _Spec("image", rotation=rot_deg, digest=digest, area=area,
                      extent=raster.extent / raster.rc), raster
     if shape == "polygon":
         points, roundness = aperture.blades, float(aperture.roundness)
@@ -427,9 +290,9 @@ def _radial_area(points: int, inner: float, roundness: float) -> float:
     return float(points * (rad**2).sum() * (beta / m))
 
 
-def _coverage(spec: _Spec, raster: _Raster | None, n: int, radius_px: float, ss: int) -> Tensor:
+def _coverage(spec: _Spec, raster: Raster | None, n: int, radius_px: float, ss: int) -> Tensor:
     if raster is not None:
-        return _raster_coverage(raster, n, radius_px)
+        return raster_coverage(raster, n, radius_px)
     return _analytic_coverage(spec, n, radius_px, ss)
 
 
@@ -437,6 +300,7 @@ def _coverage(spec: _Spec, raster: _Raster | None, n: int, radius_px: float, ss:
 # Kernels
 # ----------------------------------------------------------------------------------------------
 
+_LOCK = threading.Lock()
 _KERNELS: OrderedDict[tuple, Tensor] = OrderedDict()
 _KERNELS_MAX_NUMEL = 1 << 24  # float64 entries kept in the cache (128 MiB)
 _kernels_numel = 0
@@ -451,7 +315,7 @@ def _delta() -> Tensor:
     return torch.ones(1, 1, dtype=torch.float64)
 
 
-def _normalised(spec: _Spec, raster: _Raster | None, radius_px: float) -> Tensor:
+def _normalised(spec: _Spec, raster: Raster | None, radius_px: float) -> Tensor:
     """Sum-normalised float64 kernel of the unit shape scaled by ``radius_px`` (circumscribed)."""
     ramp = 0.0 if raster is not None else 0.5 / _SS
     n = _odd_size(spec.extent * radius_px + ramp)
@@ -467,7 +331,7 @@ def _pad_to(k: Tensor, n: int) -> Tensor:
     return torch.nn.functional.pad(k, (p, p, p, p)) if p else k
 
 
-def _build_kernel(spec: _Spec, raster: _Raster | None, scaling: str, radius: float) -> Tensor:
+def _build_kernel(spec: _Spec, raster: Raster | None, scaling: str, radius: float) -> Tensor:
     if radius == 0.0:
         return _delta()
     disc = _normalised(_DISC, None, radius) if spec is _DISC or radius < _BLEND_HI else None
@@ -566,9 +430,8 @@ def _clear_caches() -> None:
     global _kernels_numel
     with _LOCK:
         _KERNELS.clear()
-        _RASTERS.clear()
-        _DIGESTS.clear()
         _kernels_numel = 0
+    clear_raster_caches()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -612,9 +475,9 @@ def aperture_mask(aperture: Aperture | None, size: int, *, supersample: int = 8)
     return _mask(spec, raster, size, size / 2.0, ss).to(torch.float32)
 
 
-def _mask(spec: _Spec, raster: _Raster | None, size: int, radius_px: float, ss: int) -> Tensor:
+def _mask(spec: _Spec, raster: Raster | None, size: int, radius_px: float, ss: int) -> Tensor:
     if raster is not None:
-        return _raster_coverage(raster, size, radius_px)
+        return raster_coverage(raster, size, radius_px)
     return _analytic_coverage(spec, size, radius_px, ss)
 
 

@@ -1,9 +1,10 @@
-"""Layers of the "physical" renderer: decomposition, hidden-surface fill and blur of one layer.
+"""Layers of the "physical" renderer: decomposition and blur of one layer.
 
 Private helper of :mod:`genrefocus_core._render_physical` (see its module docstring for the
 model). :func:`prepare` turns one image into layers of signed blur radius ``lambda``;
 :func:`layer_tiles` returns a full-resolution layer blurred, as 64-px tiles, and
-:func:`layer_window` a coarse layer blurred on its ``1/s`` grid, as one window.
+:func:`layer_window` a coarse layer blurred on its ``1/s`` grid, as one window. The surface
+hidden behind a layer's occluders comes from :mod:`._hidden_surface`.
 
 Work is sparse: a layer's content is computed on the full-resolution tiles that hold its pixels
 or the surface hidden behind its occluders (the layers of real depth maps are thin bands along
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._hidden_surface import box, dilate, fill_fields
 from .aperture import Aperture, aperture_kernel
 
 #: Radii (px) of the first layers after 0; geometric growth by :data:`RATIO` after the last one.
@@ -30,9 +32,6 @@ R0 = 4.0
 R0_SHAPED = 8.0
 #: Tile side (px) of the sparse work and of the accumulators.
 TILE = 64
-#: Jacobi sweeps per pyramid level of the hidden-surface colour fill, from level RELAX_FROM on.
-RELAX = 8
-RELAX_FROM = 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,133 +142,6 @@ def _convolve(x: Tensor, lam: float, s: int, kernels: Kernels) -> Tensor:
     # is its blur: anything below the round-off level, negative values included, is zero.
     tol = 16.0 * torch.finfo(x.dtype).eps * max(float(x.amax()), -float(x.amin()))
     return F.threshold_(out, tol, 0.0)
-
-
-# ----------------------------------------------------------------------------------------------
-# Hidden-surface fill
-# ----------------------------------------------------------------------------------------------
-
-
-def _box(x: Tensor, f: int) -> Tensor:
-    """``f x f`` box average of ``(..., C, h, w)`` (``h``, ``w`` multiples of ``f``)."""
-    if f == 1:
-        return x
-    if f == 2:  # four strided adds beat avg_pool2d's kernel at this factor on CPU
-        out = (x[..., 0::2, 0::2] + x[..., 1::2, 0::2]).add_(x[..., 0::2, 1::2]).add_(x[..., 1::2, 1::2])
-        return out.mul_(0.25)
-    return F.avg_pool2d(x, f)
-
-
-def _halve(x: Tensor) -> Tensor:
-    """Smooth 2x decimation of ``(C, h, w)``: separable [1, 3, 3, 1] / 8 filter, stride 2.
-
-    Its support straddles cell borders, so what is known near the edge of a hole reaches the
-    coarser cells over the hole (a box filter would stop at power-of-two boundaries). Beyond the
-    array everything is empty (zero).
-    """
-    for dim in (1, 2):
-        n = x.shape[dim]
-        half = (n + 1) // 2
-
-        def sl(start: int, stop: int | None = None, step: int = 2, d: int = dim) -> tuple[slice, ...]:
-            return (slice(None),) * d + (slice(start, stop, step),)
-
-        out = x[sl(0)].mul(3.0)
-        out[sl(0, n // 2, 1)] += x[sl(1)].mul(3.0)
-        if half > 1:
-            out[sl(1, None, 1)] += x[sl(1, 2 * half - 2)]
-            out[sl(0, half - 1, 1)] += x[sl(2)][sl(0, half - 1, 1)]
-        x = out.mul_(0.125)
-    return x
-
-
-def _relax(val: Tensor, value: Tensor, free: Tensor, sweeps: int) -> Tensor:
-    """Jacobi sweeps of Laplace's equation: ``val = value + free * (mean of the 4 neighbours)``.
-
-    The border is reflective (a missing neighbour counts as the cell itself).
-    """
-    if sweeps <= 0:
-        return val
-    quarter = free * 0.25
-    for _ in range(sweeps):
-        p = F.pad(val[None], (1, 1, 1, 1), mode="replicate")[0]
-        nb = p[:, :-2, 1:-1] + p[:, 2:, 1:-1]
-        nb += p[:, 1:-1, :-2]
-        nb += p[:, 1:-1, 2:]
-        val = torch.addcmul(value, quarter, nb)
-    return val
-
-
-def _pull_push(value: Tensor, weight: Tensor, relax: int = 0, relax_from: int = 1,
-               groups: list[int] | None = None) -> Tensor:
-    """Extrapolate ``value / weight`` everywhere (pull-push).
-
-    ``value``: ``(C, h, w)`` premultiplied by its weight; ``weight``: ``(G, h, w)`` in [0, 1], channel
-    ``c`` of ``value`` using ``weight[groups[c]]`` (default: ``G == 1`` or ``G == C``). Known cells
-    keep their value; unknown ones take the weighted average of ever coarser neighbourhoods,
-    blended in with bilinear weights. With ``relax > 0``, every level from ``relax_from`` (0 is the
-    finest) then gets ``relax`` Jacobi sweeps of Laplace's equation over its holes: the fill tends
-    to the harmonic one, which continues linear trends that plain pull-push flattens.
-    """
-    pick = None if groups is None else torch.tensor(groups, device=value.device)
-
-    def per_channel(w: Tensor) -> Tensor:
-        return w if pick is None else w.index_select(0, pick)
-
-    levels = []
-    c = value.shape[0]
-    both = torch.cat([value, weight])  # halved together: one pass per level
-    while max(both.shape[-2:]) > 1 and float(both[c:].amin()) <= 0.0:
-        levels.append((both[:c], both[c:]))
-        both = _halve(both)
-    value, weight = both[:c], both[c:]
-    weight = per_channel(weight)
-    total = weight.sum(dim=(1, 2), keepdim=True)
-    mean = value.sum(dim=(1, 2), keepdim=True) / total.clamp_min(1e-12)
-    val = torch.where(weight > 0, value / weight.clamp_min(1e-12), mean)
-    for depth, (value, weight) in enumerate(reversed(levels)):
-        h, w = value.shape[-2:]
-        up = F.interpolate(val[None], scale_factor=2, mode="bilinear", align_corners=False)[0, :, :h, :w]
-        free = per_channel(1.0 - weight.clamp(0.0, 1.0))
-        val = up.mul_(free).add_(value)
-        if depth < len(levels) - relax_from:
-            val = _relax(val, value, free, relax)
-    return val
-
-
-def _dilate(mask: Tensor, radius: float) -> Tensor:
-    """Binary ``(h, w)`` mask grown by at least ``radius`` cells (square), cheaply at a coarse grid."""
-    if radius <= 0:
-        return mask
-    q = 1
-    while radius / q > 4 and min(mask.shape) > 2 * q:
-        q *= 2
-    m = mask[None, None].to(torch.float32 if mask.device.type == "cpu" else torch.float16)
-    if q > 1:
-        m = F.max_pool2d(m, q, ceil_mode=True)
-    k = math.ceil(radius / q) + (1 if q > 1 else 0)
-    m = F.max_pool2d(m, 2 * k + 1, stride=1, padding=k)
-    if q > 1:
-        m = m.repeat_interleave(q, dim=2).repeat_interleave(q, dim=3)[..., :mask.shape[0], :mask.shape[1]]
-    return m[0, 0] > 0
-
-
-def _fill_fields(coarse: Tensor, reach: float) -> Tensor:
-    """Hidden-surface fields on a coarse grid: extrapolated colour and the hidden share.
-
-    ``coarse``: ``(6, h, w)``, the layer's premultiplied RGBA, the fraction of each cell covered by
-    its occluders and the fraction outside the image (unknown, like occluded cells). Behind the
-    occluders the layer continues with its own colours extrapolated (pull-push with harmonic
-    relaxation on its coarser levels) and with the share of the hidden surface it had among the
-    nearby non-occluding pixels (1 behind a depth step, 0 behind a continuous depth ramp), up to
-    ``reach`` cells from its own pixels. Returns ``(4, h, w)``: colour and share.
-    """
-    alpha, occ, outside = coarse[3:4], coarse[4:5], coarse[5:6]
-    known = (1.0 - occ - outside).clamp_(0.0, 1.0)
-    fields = _pull_push(coarse[:4], torch.cat([alpha, known]), relax=RELAX, relax_from=RELAX_FROM,
-                        groups=[0, 0, 0, 1])
-    fields[3:4].clamp_(0.0, 1.0).mul_(_dilate(alpha[0] > 0, reach))
-    return fields
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,7 +269,7 @@ def _reach(frame: Frame, index: int, kernels: Kernels, own: Tensor) -> int:
     blur = [max(abs(frame.radii[b]), abs(frame.radii[b + 1])) for b in range(index - 1)]
     reach = math.ceil((max(frame.c_max, lam) + lam) * kernels.extent) + 2
     for _ in range(3):
-        region = _dilate(own, reach / TILE)
+        region = dilate(own, reach / TILE)
         present = (frame.presence[:index - 1] & region).flatten(1).any(dim=1).tolist()
         worst = max((r for r, p in zip(blur, present, strict=True) if p), default=None)
         if worst is None:
@@ -472,7 +344,7 @@ def _support(frame: Frame, index: int, kernels: Kernels) -> tuple[Tensor, Tensor
     if not bool(own.any()):
         return None
     reach = _reach(frame, index, kernels, own)
-    near = _dilate(own, reach / TILE) & frame.below[index - 2] if reach > 0 else torch.zeros_like(own)
+    near = dilate(own, reach / TILE) & frame.below[index - 2] if reach > 0 else torch.zeros_like(own)
     occluded = bool(near.any())
     ty, tx = torch.nonzero(own | near, as_tuple=True)
     content = _tile_content(frame, ty * own.shape[1] + tx, index, occluded, own[ty, tx])
@@ -497,11 +369,11 @@ def layer_window(frame: Frame, index: int, s: int, kernels: Kernels) -> tuple[tu
     y0, x0 = int(ty.min()) // k * k, int(tx.min()) // k * k
     nyw, nxw = -(-(int(ty.max()) + 1 - y0) // k) * k, -(-(int(tx.max()) + 1 - x0) // k) * k
     first = min(s, TILE)  # within the tiles first (less to scatter), then the rest on the window
-    x = _scatter_tiles(_box(x, first), (ty - y0) * nxw + (tx - x0), nyw, nxw)
-    x = _box(x, s // first)
+    x = _scatter_tiles(box(x, first), (ty - y0) * nxw + (tx - x0), nyw, nxw)
+    x = box(x, s // first)
     wy0, wx0 = y0 * TILE // s, x0 * TILE // s  # top-left cell of the window
     if occluded and float(x[4].amax()) > 0.0:
-        part = _fill_fields(_box(x, q), reach / (q * s))
+        part = fill_fields(box(x, q), reach / (q * s))
         if q > 1:
             part = F.interpolate(part[None], scale_factor=q, mode="bilinear", align_corners=False)[0]
         hidden = x[4:5] * part[3:4]
@@ -601,8 +473,8 @@ def _hidden_tiles(x: Tensor, ry: Tensor, rx: Tensor, nyw: int, nxw: int, reach: 
     """
     cells = TILE // q
     flat = ry * nxw + rx
-    canvas = _scatter_tiles(_box(x, q), flat, nyw, nxw)  # (6, nyw T/q, nxw T/q)
-    fields = _fill_fields(canvas, reach / q)
+    canvas = _scatter_tiles(box(x, q), flat, nyw, nxw)  # (6, nyw T/q, nxw T/q)
+    fields = fill_fields(canvas, reach / q)
     padded = F.pad(fields[None], (1, 1, 1, 1), mode="replicate")[0]
     # overlapping (T/q + 2)-cell windows, one per tile, as a view; gather the tiles given
     c, hh, ww = padded.shape

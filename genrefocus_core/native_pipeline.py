@@ -1,0 +1,793 @@
+"""DeblurNet, BokehNet and the whole refocus on the native backend (a BFL-layout FLUX, e.g. ComfyUI's).
+
+The same stages as :mod:`~genrefocus_core.genpipe` and :mod:`~genrefocus_core.pipeline` (resize,
+official noise recipe, conditions, tiled Euler sampling, decode, 8-bit output, restore size), with
+the transformer forward of :func:`~genrefocus_core.native_flux.native_flux_forward` and the VAE
+behind a small :class:`LatentCodec` interface, so any VAE can serve: ComfyUI's ``VAE`` object
+(``nodes/native.py``) or a diffusers ``AutoencoderKL`` (:class:`DiffusersVaeCodec`, used to
+check the two backends against each other).
+
+Differences from the reference backend that come from the *inputs*, not the maths (README "Which
+backend?"): ComfyUI's VAE encodes to the posterior **mean** (official: a posterior sample), and
+CONDITIONING from ComfyUI's FLUX text encoder pads T5 to 256 tokens (official: 512); the cached
+prompt file holds the official 512-token embeddings.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from .conditions import (
+    ConditionTokens,
+    ResizeInfo,
+    _pil_resize,
+    encode_condition,
+    latent_image_ids,
+    pack_latents,
+    resize_for_generation,
+    unpack_latents,
+    vae_input_from_image,
+)
+from .defocus import DefocusMap, FocusTarget, defocus_condition_map, defocus_map, resize_like, signed_coc
+from .depth import DepthMap
+from .depth_models import DepthModel
+from .errors import GenRefocusInputError, GenRefocusModelError
+from .genpipe import (
+    BOKEH_GUIDANCE,
+    BOKEH_NOISE_SEED,
+    CONDITION_SEED,
+    DEBLUR_GUIDANCE,
+    PRE_DEBLUR_DELTA,
+    ConditionInput,
+    GenerationOptions,
+    GenerationResult,
+)
+from .geometry import depth_to_processed, focus_to_processed, frame_focus, restore_input_size, to_processed
+from .models import ADAPTER_BOKEH, ADAPTER_DEBLUR, ADAPTER_PRE_DEBLUR, LORA_FILES
+from .native_flux import AttentionFn, NativeLora, flux_dims, native_flux_forward
+from .pipeline import DEFAULT_OPTIONS, RefocusResult, check_inputs
+from .prompts import PromptEmbedding
+from .sampler import FLUX_DEV_SHIFT, FlowShift, TileLayout, denoise, flow_sigmas, flux_mu, should_tile
+
+__all__ = [
+    "DiffusersVaeCodec",
+    "LatentCodec",
+    "NativeModels",
+    "native_bokeh",
+    "native_bokeh_image",
+    "native_deblur",
+    "native_deblur_image",
+    "native_generate",
+    "native_generate_from_tokens",
+    "native_refocus",
+]
+
+logger = logging.getLogger(__name__)
+
+OnStep = Callable[[int, int], None]
+
+
+class LatentCodec(Protocol):
+    """The VAE as the native backend needs it.
+
+    ``encode(pixels, noise)``: VAE-range pixels ``(B, 3, H, W)`` float32 → **model-space** latents
+    ``(B, C, H/8, W/8)`` (shifted and scaled, FLUX: ``(z - 0.1159) * 0.3611``); ``noise`` = the eps
+    of a posterior sample, or None for the posterior mean (a codec may refuse to sample).
+    ``decode(latents)``: model-space latents → image ``(B, 3, H, W)`` in [0, 1].
+    """
+
+    latent_channels: int
+
+    def encode(self, pixels: Tensor, noise: Tensor | None = None) -> Tensor: ...
+
+    def decode(self, latents: Tensor) -> Tensor: ...
+
+
+class DiffusersVaeCodec:
+    """A diffusers ``AutoencoderKL`` as a :class:`LatentCodec` (mean or posterior sample, as upstream).
+
+    Example:
+        >>> from types import SimpleNamespace as NS
+        >>> class Vae(torch.nn.Module):  # the diffusers interface: 8x average pool -> mean, logvar 0
+        ...     config = NS(scaling_factor=1.0, shift_factor=0.0, latent_channels=16)
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.w = torch.nn.Parameter(torch.ones(1))
+        ...     def encode(self, x):
+        ...         m = torch.nn.functional.avg_pool2d(x, 8).repeat(1, 6, 1, 1)[:, :16]
+        ...         return NS(latent_dist=NS(parameters=torch.cat([m, torch.zeros_like(m)], 1)))
+        >>> DiffusersVaeCodec(Vae()).encode(torch.zeros(1, 3, 32, 48)).shape
+        torch.Size([1, 16, 4, 6])
+    """
+
+    def __init__(self, vae: Any) -> None:
+        self.vae = vae
+        self.latent_channels = int(vae.config.latent_channels)
+
+    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        p = next(self.vae.parameters())
+        return p.device, p.dtype
+
+    def encode(self, pixels: Tensor, noise: Tensor | None = None) -> Tensor:
+        device, dtype = self._device_dtype()
+        x = pixels.to(device=device, dtype=dtype)
+        h, w = x.shape[-2:]
+        with torch.no_grad():
+            tokens = encode_condition(self.vae, x, mode="mean" if noise is None else "sample", noise=noise)
+        return unpack_latents(tokens, int(h), int(w))
+
+    def decode(self, latents: Tensor) -> Tensor:
+        device, dtype = self._device_dtype()
+        z = (
+            latents.to(device=device, dtype=dtype) / self.vae.config.scaling_factor
+            + self.vae.config.shift_factor
+        )
+        with torch.no_grad():
+            out = self.vae.decode(z, return_dict=False)[0]
+        return (out.float() * 0.5 + 0.5).clamp(0, 1)
+
+
+@dataclass
+class NativeModels:
+    """What a native Genfocus stage needs.
+
+    Attributes:
+        flux: BFL-layout FLUX module tree (ComfyUI: ``model_patcher.model.diffusion_model``).
+        loras: adapter name → :class:`~genrefocus_core.native_flux.NativeLora` on ``device``/``dtype``.
+        codec: the VAE (:class:`LatentCodec`).
+        prompts: prompt name (``"deblur"``, ``"bokeh"``) → embedding.
+        device: compute device.
+        dtype: compute dtype (ComfyUI: the model's manual-cast or weight dtype).
+        shift: scheduler shift constants.
+        attention: attention kernel (None: torch SDPA).
+    """
+
+    flux: Any
+    loras: Mapping[str, NativeLora]
+    codec: LatentCodec
+    prompts: Mapping[str, PromptEmbedding]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    shift: FlowShift = FLUX_DEV_SHIFT
+    attention: AttentionFn | None = None
+
+
+def _require(models: object, adapter: str | None = None, prompt: str | None = None) -> NativeModels:
+    if not isinstance(models, NativeModels):
+        raise GenRefocusInputError(f"models must be a NativeModels, got {type(models).__name__}")
+    if adapter is not None and adapter not in models.loras:
+        raise GenRefocusModelError(
+            f"the LoRA adapter {adapter!r} is not loaded "
+            f"(loaded: {', '.join(sorted(models.loras)) or 'none'}); "
+            f"load {LORA_FILES.get(adapter, adapter)}"
+        )
+    if prompt is not None and prompt not in models.prompts:
+        raise GenRefocusModelError(
+            f"the prompt embedding {prompt!r} is missing (have: {sorted(models.prompts)}); use the "
+            "GenRefocus prompt-embedding file or a CONDITIONING input"
+        )
+    return models
+
+
+# ------------------------------------------------------------------------------------------------
+# One image at the processed size
+# ------------------------------------------------------------------------------------------------
+
+
+def native_generate_from_tokens(
+    models: NativeModels,
+    latents: Tensor,
+    conditions: Sequence[ConditionTokens],
+    height: int,
+    width: int,
+    *,
+    prompt: str,
+    guidance: float,
+    options: GenerationOptions = DEFAULT_OPTIONS,
+    on_step: OnStep | None = None,
+) -> GenerationResult:
+    """Denoise given noise with given condition tokens, then decode (the native twin of
+    :func:`~genrefocus_core.genpipe.generate_from_tokens`: same sigmas, tiling and blending).
+
+    Args:
+        models: the native weights.
+        latents: ``(B, N, 64)`` packed initial noise, ``N = (H/16)*(W/16)``.
+        conditions: condition streams on the same token grid.
+        height: image height in px (multiple of 16).
+        width: image width in px (multiple of 16).
+        prompt: prompt name in ``models.prompts``.
+        guidance: guidance embedding of text/image streams (ignored by a FLUX without one).
+        options: sampler options.
+        on_step: progress ``(done, total)`` per step and tile; may raise to interrupt.
+
+    Returns:
+        A :class:`~genrefocus_core.genpipe.GenerationResult`; ``decoded`` is ``2 * image - 1`` of the
+        codec's (clamped) output, ``image`` is rounded to 8-bit levels like the official PNG.
+
+    Raises:
+        GenRefocusInputError: inconsistent sizes.
+        GenRefocusModelError: a missing prompt or adapter.
+    """
+    _require(models, prompt=prompt)
+    if height % 16 or width % 16 or height < 16 or width < 16:
+        raise GenRefocusInputError(
+            f"height and width must be positive multiples of 16 px, got {height}x{width}"
+        )
+    h, w = height // 16, width // 16
+    if latents.ndim != 3 or latents.shape[1] != h * w:
+        raise GenRefocusInputError(
+            f"latents must have shape (B, {h * w}, C) for {height}x{width} px, got {tuple(latents.shape)}"
+        )
+    for i, c in enumerate(conditions):
+        if c.tokens.shape[1] != h * w:
+            raise GenRefocusInputError(
+                f"conditions[{i}] must have {h * w} tokens (the image's grid), got {c.tokens.shape[1]}"
+            )
+    device, dtype = torch.device(models.device), models.dtype
+    emb = models.prompts[prompt].to(device=device, dtype=dtype)
+    tiled = should_tile(height, width, tiling=options.tiling, tile_size=options.tile_size)
+    tile = options.tile_size // 16
+    tiles = TileLayout(h, w, tile=tile, overlap=int(tile * options.tile_overlap)) if tiled else None
+    n_mu = h * w
+    if options.mu == "clamped":
+        n_mu = min(max(n_mu, models.shift.base_seq_len), models.shift.max_seq_len)
+    elif options.mu == "tile" and tiles is not None:
+        n_mu = tiles.tile_shape[0] * tiles.tile_shape[1]
+    sigmas = flow_sigmas(
+        options.steps, h * w, shift=models.shift, mu=flux_mu(n_mu, models.shift), device=device
+    )
+    g = guidance if flux_dims(models.flux).guidance_embeds else None
+    logger.info(
+        "native: %dx%d px (%d tokens), %d steps, %s",
+        width,
+        height,
+        h * w,
+        options.steps,
+        tiles if tiles is not None else "untiled",
+    )
+
+    def velocity(x: Tensor, ids: Tensor, conds: Sequence[ConditionTokens], t: Tensor) -> Tensor:
+        return native_flux_forward(
+            models.flux,
+            x,
+            ids,
+            t,
+            prompt_embeds=emb.prompt_embeds,
+            pooled=emb.pooled,
+            guidance=g,
+            conditions=conds,
+            loras=models.loras,
+            attention=models.attention,
+        )
+
+    conditions = [
+        c.with_tokens(c.tokens.to(device=device, dtype=dtype), c.ids.to(device)) for c in conditions
+    ]
+    with torch.no_grad():
+        final = denoise(
+            velocity,
+            latents.to(device=device, dtype=dtype),
+            (h, w),
+            sigmas,
+            conditions=conditions,
+            latent_ids=latent_image_ids(h, w, device=device),
+            tiles=tiles,
+            tile_batch=options.tile_batch,
+            keep_condition_deltas=options.keep_condition_deltas,
+            on_step=on_step,
+        )
+        image = models.codec.decode(unpack_latents(final, height, width)).float()
+    image = torch.round(image.clamp(0, 1) * 255.0) / 255.0
+    return GenerationResult(image, image * 2 - 1, final)
+
+
+def _randn(
+    shape: tuple[int, ...], generator: torch.Generator, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    # parity: genpipe draws on the generator's device, then moves (the official recipe on CPU/CUDA)
+    if generator.device.type == device.type:
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    return torch.randn(shape, generator=generator, device=generator.device).to(device=device, dtype=dtype)
+
+
+def _generators(
+    options: GenerationOptions, device: torch.device, *, shared: bool, noise_seed: int
+) -> tuple[torch.Generator, torch.Generator]:
+    """The reference backend's RNG recipe (genpipe): official seeds, or CPU generators from ``seed``."""
+    if options.noise == "seeded":
+        return torch.Generator("cpu").manual_seed(options.seed), torch.Generator("cpu").manual_seed(
+            options.seed + 1
+        )
+    g_cond = torch.Generator(device).manual_seed(CONDITION_SEED)
+    return (g_cond if shared else torch.Generator(device).manual_seed(noise_seed)), g_cond
+
+
+def native_generate(
+    models: NativeModels,
+    conditions: Sequence[ConditionInput],
+    *,
+    prompt: str,
+    guidance: float,
+    noise_generator: torch.Generator,
+    condition_generator: torch.Generator,
+    noise: Tensor | None = None,
+    options: GenerationOptions = DEFAULT_OPTIONS,
+    on_step: OnStep | None = None,
+) -> GenerationResult:
+    """One image: draw the noise, encode the conditions in list order, denoise, decode.
+
+    Draw order as :func:`~genrefocus_core.genpipe.generate`: the noise ``(1, C, H/8, W/8)`` from
+    ``noise_generator`` (unless given), then, with ``options.condition_latent == "sample"``, one
+    posterior eps per condition from ``condition_generator`` (the codec must be able to sample).
+
+    Raises:
+        GenRefocusInputError: no or mis-sized conditions, a bad noise shape.
+    """
+    _require(models, prompt=prompt)
+    if not conditions:
+        raise GenRefocusInputError("conditions must hold at least one condition, got none")
+    device, dtype = torch.device(models.device), models.dtype
+    height, width = (int(s) for s in conditions[0].pixels.shape[-2:])
+    for i, c in enumerate(conditions):
+        if tuple(c.pixels.shape) != (1, 3, height, width):
+            raise GenRefocusInputError(
+                f"conditions[{i}].pixels must have shape (1, 3, {height}, {width}), "
+                f"got {tuple(c.pixels.shape)}"
+            )
+        _require(models, adapter=c.adapter)
+    shape = (1, flux_dims(models.flux).in_channels // 4, height // 8, width // 8)
+    if noise is None:
+        noise = _randn(shape, noise_generator, device, dtype)
+    elif tuple(noise.shape) != shape:
+        raise GenRefocusInputError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
+    latents = pack_latents(noise.to(device=device, dtype=dtype))
+    tokens = []
+    for c in conditions:
+        x = vae_input_from_image(c.pixels.float(), normalize=c.preprocess, channels_last=c.preprocess)
+        eps = None
+        if options.condition_latent == "sample":
+            eps = _randn((1, models.codec.latent_channels, *shape[2:]), condition_generator, device, dtype)
+        z = models.codec.encode(x, eps)
+        tok = pack_latents(z.to(device=device, dtype=dtype))
+        tokens.append(ConditionTokens.on_grid(tok, height // 16, width // 16, c.adapter, c.position_delta))
+    return native_generate_from_tokens(
+        models,
+        latents,
+        tokens,
+        height,
+        width,
+        prompt=prompt,
+        guidance=guidance,
+        options=options,
+        on_step=on_step,
+    )
+
+
+def _per_image(fn: Callable[[int], GenerationResult], batch: int) -> GenerationResult:
+    results = [fn(i) for i in range(batch)]
+    if batch == 1:
+        return results[0]
+    return GenerationResult(
+        *(torch.cat([getattr(r, f) for r in results]) for f in ("image", "decoded", "latents"))
+    )
+
+
+def native_deblur(
+    models: NativeModels,
+    image: Tensor,
+    *,
+    adapter: str = ADAPTER_DEBLUR,
+    pre_deblurred: Tensor | None = None,
+    pre_deblur_variant: bool = False,
+    options: GenerationOptions = DEFAULT_OPTIONS,
+    on_step: OnStep | None = None,
+) -> GenerationResult:
+    """DeblurNet at the processed size (the native twin of :func:`~genrefocus_core.genpipe.deblur`).
+
+    Args:
+        models: native weights with ``adapter``.
+        image: ``(B, 3, H, W)`` in [0, 1], H and W multiples of 16.
+        adapter: adapter of the DeblurNet LoRA.
+        pre_deblurred: ``(B or 1, 3, h, w)`` in [0, 1]; implies the pre-deblur variant.
+        pre_deblur_variant: two conditions (pre-deblurred at column +32, black if absent).
+        options: sampler options.
+        on_step: progress per image.
+
+    Returns:
+        A :class:`~genrefocus_core.genpipe.GenerationResult`.
+    """
+    variant = pre_deblur_variant or pre_deblurred is not None
+    device = torch.device(models.device)
+
+    def one(i: int) -> GenerationResult:
+        img = image[i : i + 1]
+        conds = [ConditionInput(img, adapter, (0, 0))]
+        if variant:
+            h, w = img.shape[-2:]
+            if pre_deblurred is None:
+                pre = torch.zeros_like(img)
+            else:
+                pre = _pil_resize(pre_deblurred[min(i, pre_deblurred.shape[0] - 1) :][:1], (int(w), int(h)))
+            conds = [ConditionInput(pre, adapter, PRE_DEBLUR_DELTA), conds[0]]
+        g_noise, g_cond = _generators(options, device, shared=True, noise_seed=CONDITION_SEED)
+        return native_generate(
+            models,
+            conds,
+            prompt="deblur",
+            guidance=DEBLUR_GUIDANCE,
+            noise_generator=g_noise,
+            condition_generator=g_cond,
+            options=options,
+            on_step=on_step,
+        )
+
+    return _per_image(one, image.shape[0])
+
+
+def native_bokeh(
+    models: NativeModels,
+    image: Tensor,
+    defocus: Tensor,
+    *,
+    adapter: str = ADAPTER_BOKEH,
+    noise: Tensor | None = None,
+    options: GenerationOptions = DEFAULT_OPTIONS,
+    on_step: OnStep | None = None,
+) -> GenerationResult:
+    """BokehNet at the processed size (the native twin of :func:`~genrefocus_core.genpipe.bokeh`).
+
+    Args:
+        models: native weights with ``adapter``.
+        image: ``(B, 3, H, W)`` all-in-focus image in [0, 1].
+        defocus: ``(B or 1, 1 or 3, H, W)`` D_def map in [0, 1], fed to the VAE as is (float).
+        adapter: adapter of the BokehNet LoRA.
+        noise: explicit initial noise ``(1, 16, H/8, W/8)`` for every item.
+        options: sampler options.
+        on_step: progress per image.
+
+    Returns:
+        A :class:`~genrefocus_core.genpipe.GenerationResult`.
+    """
+    device = torch.device(models.device)
+
+    def one(i: int) -> GenerationResult:
+        d = defocus[min(i, defocus.shape[0] - 1) :][:1]
+        d = d.expand(-1, 3, -1, -1) if d.shape[1] == 1 else d
+        conds = [
+            ConditionInput(image[i : i + 1], adapter, (0, 0)),
+            ConditionInput(d.contiguous(), adapter, (0, 0), preprocess=False),
+        ]
+        g_noise, g_cond = _generators(options, device, shared=False, noise_seed=BOKEH_NOISE_SEED)
+        return native_generate(
+            models,
+            conds,
+            prompt="bokeh",
+            guidance=BOKEH_GUIDANCE,
+            noise_generator=g_noise,
+            condition_generator=g_cond,
+            noise=noise,
+            options=options,
+            on_step=on_step,
+        )
+
+    return _per_image(one, image.shape[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# Photos at any size (resize, frames, restore): the native twins of pipeline.py
+# ------------------------------------------------------------------------------------------------
+
+
+def _forwards(height: int, width: int, options: GenerationOptions) -> int:
+    if not should_tile(height, width, tiling=options.tiling, tile_size=options.tile_size):
+        return options.steps
+    t = options.tile_size // 16
+    return options.steps * len(
+        TileLayout(height // 16, width // 16, tile=t, overlap=int(t * options.tile_overlap))
+    )
+
+
+class _Progress:
+    """One ``on_step(done, total)`` across frames and stages."""
+
+    def __init__(self, total: int, on_step: OnStep | None) -> None:
+        self.total, self.done, self.on_step = max(int(total), 1), 0, on_step
+
+    def stage(self, units: int) -> OnStep | None:
+        base, self.done = self.done, self.done + units
+        if self.on_step is None:
+            return None
+        cb = self.on_step
+        return lambda done, _n: cb(min(base + done, self.total), self.total)
+
+    def tick(self) -> None:
+        self.done += 1
+        if self.on_step is not None:
+            self.on_step(min(self.done, self.total), self.total)
+
+
+def _deblur_frames(
+    models: NativeModels,
+    image: Tensor,
+    *,
+    pre_deblurred: Tensor | None,
+    variant: bool,
+    long_side: int,
+    geometry: str,
+    options: GenerationOptions,
+    progress: _Progress,
+) -> Tensor:
+    adapter = ADAPTER_PRE_DEBLUR if variant else ADAPTER_DEBLUR
+    if pre_deblurred is not None and geometry == "aligned" and pre_deblurred.shape[-2:] == image.shape[-2:]:
+        pre_deblurred = resize_for_generation(pre_deblurred.float(), long_side)[0]
+    processed = resize_for_generation(image.float(), long_side)[0]
+    h, w = processed.shape[-2:]
+    out = []
+    for i in range(processed.shape[0]):
+        pre = None if pre_deblurred is None else pre_deblurred[min(i, pre_deblurred.shape[0] - 1) :][:1]
+        res = native_deblur(
+            models,
+            processed[i : i + 1],
+            adapter=adapter,
+            pre_deblurred=pre,
+            pre_deblur_variant=variant,
+            options=options,
+            on_step=progress.stage(_forwards(int(h), int(w), options)),
+        )
+        out.append(res.image.to(image.device))
+    return torch.cat(out)
+
+
+def _frame_map(disparity: Tensor, i: int, like: Tensor) -> Tensor:
+    return disparity[min(i, disparity.shape[0] - 1) :][:1].to(like)
+
+
+def _bokeh_frames(
+    models: NativeModels,
+    aif: Tensor,
+    info: ResizeInfo,
+    *,
+    input_size: tuple[int, int],
+    depth_model: DepthModel | None,
+    depth: DepthMap | None,
+    defocus: DefocusMap | None,
+    focus: FocusTarget | None,
+    k: float,
+    geometry: str,
+    options: GenerationOptions,
+    progress: _Progress,
+) -> tuple[Tensor, Tensor, DefocusMap]:
+    """BokehNet over the frames of a processed-size AIF (as pipeline.py); returns (image, D_def, coc)."""
+    b, _, h, w = aif.shape
+    given = None if depth is None else depth_to_processed(depth, info, geometry)
+    target = focus_to_processed(focus or FocusTarget("center"), info, geometry)
+    images, d_defs, cocs = [], [], []
+    for i in range(b):
+        frame = aif[i : i + 1]
+        if defocus is not None:
+            disp = _frame_map(defocus.disparity, i, aif)
+            if tuple(disp.shape[-2:]) != (h, w):
+                if tuple(disp.shape[-2:]) != input_size:
+                    raise GenRefocusInputError(
+                        f"defocus.disparity must have the size of the coc map, got {tuple(disp.shape[-2:])}"
+                    )
+                disp = resize_like(disp, (h, w)) if geometry == "official" else to_processed(disp, info)
+            fd = defocus.focus_disparity.flatten()
+            fd = fd[min(i, fd.numel() - 1) :][:1].to(aif)
+            dm = DefocusMap(signed_coc(disp, fd, defocus.k), disp, defocus.k, fd, defocus.metric)
+        else:
+            if given is None:
+                dmap = depth_model.estimate(frame)
+                progress.tick()
+                disp, metric = dmap.disparity, dmap.metric
+            else:
+                disp, metric = _frame_map(given.disparity, i, aif), given.metric
+            dm = defocus_map(disp, frame_focus(target, i), k, metric=metric)
+        d_def = defocus_condition_map(dm.coc)
+        res = native_bokeh(
+            models, frame, d_def, options=options, on_step=progress.stage(_forwards(h, w, options))
+        )
+        images.append(res.image.to(aif.device))
+        d_defs.append(d_def)
+        cocs.append(dm)
+    coc = DefocusMap(
+        torch.cat([c.coc for c in cocs]),
+        torch.cat([c.disparity for c in cocs]),
+        cocs[0].k,
+        torch.cat([c.focus_disparity.flatten() for c in cocs]),
+        cocs[0].metric,
+    )
+    return torch.cat(images), torch.cat(d_defs), coc
+
+
+def _finish(
+    image: Tensor,
+    aif: Tensor,
+    info: ResizeInfo,
+    restore_size: bool,
+    defocus: Tensor | None = None,
+    coc: DefocusMap | None = None,
+) -> RefocusResult:
+    if restore_size:
+        image = restore_input_size(image, info)
+        aif = image if aif is image else restore_input_size(aif, info)
+    return RefocusResult(image, aif, defocus, coc, None, info)
+
+
+def native_deblur_image(
+    image: Tensor,
+    *,
+    models: NativeModels,
+    options: GenerationOptions = DEFAULT_OPTIONS,
+    pre_deblurred: Tensor | None = None,
+    pre_deblur_variant: bool = False,
+    long_side: int = 0,
+    geometry: str = "aligned",
+    restore_size: bool = False,
+    on_step: OnStep | None = None,
+) -> RefocusResult:
+    """DeblurNet on a photo of any size (the native twin of :func:`~genrefocus_core.pipeline.deblur_image`).
+
+    Raises:
+        GenRefocusInputError: bad inputs (see :func:`~genrefocus_core.pipeline.check_inputs`).
+        GenRefocusModelError: the needed LoRA or prompt is missing.
+    """
+    info = check_inputs(
+        image,
+        stage="deblur",
+        options=options,
+        pre_deblurred=pre_deblurred,
+        pre_deblur_variant=pre_deblur_variant,
+        long_side=long_side,
+        geometry=geometry,
+    )
+    variant = pre_deblur_variant or pre_deblurred is not None
+    _require(models, ADAPTER_PRE_DEBLUR if variant else ADAPTER_DEBLUR, "deblur")
+    progress = _Progress(image.shape[0] * _forwards(info.size[1], info.size[0], options), on_step)
+    aif = _deblur_frames(
+        models,
+        image,
+        pre_deblurred=pre_deblurred,
+        variant=variant,
+        long_side=long_side,
+        geometry=geometry,
+        options=options,
+        progress=progress,
+    )
+    return _finish(aif, aif, info, restore_size)
+
+
+def native_bokeh_image(
+    aif: Tensor,
+    *,
+    models: NativeModels,
+    depth_model: DepthModel | None = None,
+    depth: DepthMap | None = None,
+    defocus: DefocusMap | None = None,
+    focus: FocusTarget | None = None,
+    k: float = 20.0,
+    options: GenerationOptions = DEFAULT_OPTIONS,
+    long_side: int = 0,
+    geometry: str = "aligned",
+    restore_size: bool = False,
+    on_step: OnStep | None = None,
+) -> RefocusResult:
+    """BokehNet on an all-in-focus image (the native twin of :func:`~genrefocus_core.pipeline.bokeh_image`).
+
+    Raises:
+        GenRefocusInputError: bad inputs (see :func:`~genrefocus_core.pipeline.check_inputs`).
+        GenRefocusModelError: the BokehNet LoRA or prompt is missing.
+    """
+    info = check_inputs(
+        aif,
+        stage="bokeh",
+        k=k,
+        options=options,
+        depth_model=depth_model,
+        depth=depth,
+        defocus=defocus,
+        focus=focus,
+        long_side=long_side,
+        geometry=geometry,
+    )
+    processed = resize_for_generation(aif.float(), long_side)[0]
+    if (defocus.k if defocus is not None else k) == 0:
+        return _finish(processed, processed, info, restore_size)
+    _require(models, ADAPTER_BOKEH, "bokeh")
+    h, w = info.size[1], info.size[0]
+    progress = _Progress(aif.shape[0] * (_forwards(h, w, options) + (depth_model is not None)), on_step)
+    image, d_def, coc = _bokeh_frames(
+        models,
+        processed,
+        info,
+        input_size=tuple(aif.shape[-2:]),
+        depth_model=depth_model,
+        depth=depth,
+        defocus=defocus,
+        focus=focus,
+        k=k,
+        geometry=geometry,
+        options=options,
+        progress=progress,
+    )
+    return _finish(image, processed, info, restore_size, d_def, coc)
+
+
+def native_refocus(
+    image: Tensor,
+    *,
+    models: NativeModels,
+    depth_model: DepthModel | None = None,
+    depth: DepthMap | None = None,
+    focus: FocusTarget | None = None,
+    k: float = 20.0,
+    options: GenerationOptions = DEFAULT_OPTIONS,
+    pre_deblurred: Tensor | None = None,
+    pre_deblur_variant: bool = False,
+    long_side: int = 0,
+    geometry: str = "aligned",
+    restore_size: bool = False,
+    on_step: OnStep | None = None,
+) -> RefocusResult:
+    """Resize → DeblurNet → depth → D_def → BokehNet (twin of :func:`~genrefocus_core.pipeline.refocus`).
+
+    ``k == 0`` returns the all-in-focus image. ``depth`` (``RefocusResult.depth``) is not reported.
+
+    Raises:
+        GenRefocusInputError: bad inputs (see :func:`~genrefocus_core.pipeline.check_inputs`).
+        GenRefocusModelError: a needed LoRA or prompt is missing.
+    """
+    info = check_inputs(
+        image,
+        stage="refocus",
+        k=k,
+        options=options,
+        depth_model=depth_model,
+        depth=depth,
+        focus=focus,
+        pre_deblurred=pre_deblurred,
+        pre_deblur_variant=pre_deblur_variant,
+        long_side=long_side,
+        geometry=geometry,
+    )
+    variant = pre_deblur_variant or pre_deblurred is not None
+    _require(models, ADAPTER_PRE_DEBLUR if variant else ADAPTER_DEBLUR, "deblur")
+    if k > 0:
+        _require(models, ADAPTER_BOKEH, "bokeh")
+    h, w = info.size[1], info.size[0]
+    fw = _forwards(h, w, options)
+    units = fw if k == 0 else 2 * fw + (depth_model is not None)
+    progress = _Progress(image.shape[0] * units, on_step)
+    aif = _deblur_frames(
+        models,
+        image,
+        pre_deblurred=pre_deblurred,
+        variant=variant,
+        long_side=long_side,
+        geometry=geometry,
+        options=options,
+        progress=progress,
+    )
+    if k == 0:
+        return _finish(aif, aif, info, restore_size)
+    out, d_def, coc = _bokeh_frames(
+        models,
+        aif,
+        info,
+        input_size=tuple(image.shape[-2:]),
+        depth_model=depth_model,
+        depth=depth,
+        defocus=None,
+        focus=focus,
+        k=k,
+        geometry=geometry,
+        options=options,
+        progress=progress,
+    )
+    return _finish(out, aif, info, restore_size, d_def, coc)

@@ -31,8 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .condition_cache import ConditionCache
 from .conditions import ConditionTokens
 from .errors import GenRefocusInputError, GenRefocusModelError
+from .memory import execution_device_dtype, is_group_offloaded, offload_hooks
 
 __all__ = [
     "DOUBLE_BLOCK_LORA_MODULES",
@@ -167,17 +169,25 @@ def _rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
     return apply_rotary_emb(x, rope)
 
 
-def _attend(qs: list[Tensor], ks: list[Tensor], vs: list[Tensor], groups: list[int]) -> list[Tensor]:
+def _attend(
+    qs: list[Tensor],
+    ks: list[Tensor],
+    vs: list[Tensor],
+    groups: list[int],
+    cached: tuple[Tensor, Tensor] | None = None,
+) -> list[Tensor]:
     """Grouped attention: text/image queries see every stream, a condition sees text, image, itself.
 
-    K/V are concatenated in stream order per query stream; SDPA gets no mask (§6.3).
+    K/V are concatenated in stream order per query stream; SDPA gets no mask (§6.3). ``cached``:
+    replayed condition K/V (fast mode), appended after the live streams' for text and image.
     """
     shared_k = shared_v = None
     out = []
     for i, q in enumerate(qs):
         if groups[i] < 2:
             if shared_k is None:
-                shared_k, shared_v = torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+                kk, vv = (ks, vs) if cached is None else ([*ks, cached[0]], [*vs, cached[1]])
+                shared_k, shared_v = torch.cat(kk, dim=2), torch.cat(vv, dim=2)
             k, v = shared_k, shared_v
         else:
             sel = [j for j in range(len(qs)) if groups[j] < 2 or j == i]
@@ -201,7 +211,30 @@ def _ada_zero(
     return (norm.norm(x) * (1 + scale[:, None]) + shift[:, None], *emb[2:])
 
 
-def _double_block(block: nn.Module, streams: list[_Stream]) -> None:
+def _condition_kv(
+    streams: list[_Stream], ks: list[Tensor], vs: list[Tensor], cache: _LayerCache | None
+) -> tuple[Tensor, Tensor] | None:
+    """Record (first step) or fetch (later steps) this layer's condition K/V; None when exact."""
+    if cache is None:
+        return None
+    if cache.read:
+        k, v = cache.cache.get(cache.layer, ks[0].device, ks[0].dtype)
+        cache.layer += 1
+        return k, v
+    sel = [j for j, s in enumerate(streams) if s.group >= 2]
+    k, v = torch.cat([ks[j] for j in sel], dim=2), torch.cat([vs[j] for j in sel], dim=2)
+    cache.cache.store(k, v, batch=k.shape[0], tokens=k.shape[2])
+    return None
+
+
+@dataclass
+class _LayerCache:
+    cache: ConditionCache
+    read: bool
+    layer: int = 0
+
+
+def _double_block(block: nn.Module, streams: list[_Stream], cache: _LayerCache | None = None) -> None:
     attn = block.attn
     heads = attn.heads
     mods, qs, ks, vs = [], [], [], []
@@ -218,7 +251,7 @@ def _double_block(block: nn.Module, streams: list[_Stream]) -> None:
         qs.append(_rope(q, s.rope))
         ks.append(_rope(k, s.rope))
         vs.append(v)
-    outs = _attend(qs, ks, vs, [s.group for s in streams])
+    outs = _attend(qs, ks, vs, [s.group for s in streams], _condition_kv(streams, ks, vs, cache))
     for s, o, (gate_msa, shift_mlp, scale_mlp, gate_mlp) in zip(streams, outs, mods, strict=True):
         if s.group == 0:
             h = s.h + attn.to_add_out(o) * gate_msa.unsqueeze(1)
@@ -232,7 +265,7 @@ def _double_block(block: nn.Module, streams: list[_Stream]) -> None:
             s.h = _clip(h + f * gate_mlp.unsqueeze(1))
 
 
-def _single_block(block: nn.Module, streams: list[_Stream]) -> None:
+def _single_block(block: nn.Module, streams: list[_Stream], cache: _LayerCache | None = None) -> None:
     attn = block.attn
     heads = attn.heads
     gates, mlps, qs, ks, vs = [], [], [], [], []
@@ -246,7 +279,7 @@ def _single_block(block: nn.Module, streams: list[_Stream]) -> None:
         qs.append(_rope(q, s.rope))
         ks.append(_rope(k, s.rope))
         vs.append(v)
-    outs = _attend(qs, ks, vs, [s.group for s in streams])
+    outs = _attend(qs, ks, vs, [s.group for s in streams], _condition_kv(streams, ks, vs, cache))
     for s, o, mlp, gate in zip(streams, outs, mlps, gates, strict=True):
         h = torch.cat([o, mlp], dim=2)
         s.h = _clip(gate.unsqueeze(1) * _lin(block.proj_out, h, s.adapter) + s.h)
@@ -308,8 +341,12 @@ def flux_forward(
     conditions: Sequence[ConditionTokens] = (),
     text_ids: Tensor | None = None,
     return_streams: bool = False,
+    condition_cache: ConditionCache | None = None,
 ) -> Tensor | tuple[Tensor, list[Tensor]]:
     """Velocity of the image stream from the multi-stream (OminiControl) FLUX forward.
+
+    Memory modes (:mod:`~genrefocus_core.memory`) need nothing from the caller: streamed blocks are
+    onloaded around their computation, fp8/NF4/GGUF layers cast or dequantise themselves.
 
     Args:
         transformer: diffusers ``FluxTransformer2DModel`` (LoRA adapters loaded with :func:`load_lora`).
@@ -323,6 +360,10 @@ def flux_forward(
         conditions: condition streams (their ``adapter`` selects the LoRA of that stream).
         text_ids: ``(L, 3)`` text ids (default zeros).
         return_streams: also return the final hidden states of every stream (text, image, conds).
+        condition_cache: fast mode (an approximation, see :mod:`~genrefocus_core.condition_cache`):
+            an empty cache records every layer's condition K/V during this (exact) forward; a filled
+            one replays them and the condition streams are not computed. One cache per forward
+            layout (tile chunk); ``None`` = exact.
 
     Returns:
         ``(B, N, out_channels)`` velocity, or ``(velocity, [h_text, h_image, h_cond...])``.
@@ -342,12 +383,44 @@ def flux_forward(
         torch.Size([1, 4, 4])
     """
     _check_forward_inputs(transformer, latents, latent_ids, timestep, prompt_embeds, pooled, conditions)
-    b = latents.shape[0]
     has_guidance = bool(transformer.config.guidance_embeds)
     if has_guidance and guidance is None:
         raise GenRefocusInputError(
             "guidance must be a number for a guidance-distilled FLUX (FLUX.1-dev), got None"
         )
+    if condition_cache is not None and not conditions:
+        raise GenRefocusInputError("condition_cache needs conditions, got none")
+    cache = None
+    if condition_cache is not None:
+        if condition_cache.filled:
+            condition_cache.check(latents.shape[0], sum(c.tokens.shape[1] for c in conditions))
+        cache = _LayerCache(condition_cache, read=condition_cache.filled)
+    with offload_hooks(transformer):
+        out, streams = _forward(transformer, latents, latent_ids, timestep, prompt_embeds, pooled, guidance,
+                                conditions, text_ids, cache)
+    if cache is not None and not cache.read:
+        condition_cache.finish()
+    if return_streams:
+        return out, [s.h for s in streams]
+    return out
+
+
+def _forward(
+    transformer: nn.Module,
+    latents: Tensor,
+    latent_ids: Tensor,
+    timestep: Tensor,
+    prompt_embeds: Tensor,
+    pooled: Tensor,
+    guidance: float | None,
+    conditions: Sequence[ConditionTokens],
+    text_ids: Tensor | None,
+    cache: _LayerCache | None,
+) -> tuple[Tensor, list[_Stream]]:
+    b = latents.shape[0]
+    has_guidance = bool(transformer.config.guidance_embeds)
+    if cache is not None and cache.read:
+        conditions = ()  # replayed from the cache: the condition streams are not computed
 
     img = _lin(transformer.x_embedder, latents, None)
     dtype, device = img.dtype, img.device
@@ -381,14 +454,14 @@ def flux_forward(
         streams.append(_Stream(h, temb_cond, rope_cache[id(c.ids)], c.adapter, 2 + i))
 
     for block in transformer.transformer_blocks:
-        _double_block(block, streams)
+        with offload_hooks(block):
+            _double_block(block, streams, cache)
     for block in transformer.single_transformer_blocks:
-        _single_block(block, streams)
+        with offload_hooks(block):
+            _single_block(block, streams, cache)
 
     out = transformer.proj_out(transformer.norm_out(streams[1].h, streams[1].temb))
-    if return_streams:
-        return out, [s.h for s in streams]
-    return out
+    return out, streams
 
 
 # ------------------------------------------------------------------------------------------------
@@ -498,6 +571,10 @@ def load_lora(transformer: nn.Module, path: str | Path, adapter: str, *, replace
         >>> load_lora(m, path, "bokeh")
         LoraInfo(adapter='bokeh', rank=2, modules=13, parameters=1352)
     """
+    if is_group_offloaded(transformer):
+        raise GenRefocusModelError(
+            "load the LoRAs before applying a streamed memory mode (offload), not after"
+        )
     p = Path(path)
     if not p.is_file():
         raise GenRefocusModelError(
@@ -564,11 +641,15 @@ def load_lora(transformer: nn.Module, path: str | Path, adapter: str, *, replace
         transformer.add_adapter(config, adapter_name=adapter)
     modules = dict(transformer.named_modules())
     n_params = 0
+    _, compute = execution_device_dtype(transformer)
     with torch.no_grad():
         for m in targets:
             layer = modules[m]
             if not _is_lora_layer(layer) or adapter not in layer.lora_A:
                 raise GenRefocusModelError(f"PEFT did not wrap {m} for adapter {adapter!r}")
+            for sub in (layer.lora_A[adapter], layer.lora_B[adapter]):
+                if sub.weight.dtype != compute:  # fp8 / quantised base weights: the LoRA stays precise
+                    sub.to(dtype=compute)
             wa, wb = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
             wa.copy_(sd[f"transformer.{m}.lora_A.weight"])
             wb.copy_(sd[f"transformer.{m}.lora_B.weight"])

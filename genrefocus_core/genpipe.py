@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_bchw, check_finite
+from .condition_cache import CONDITION_CACHE_MODES, ConditionCache
 from .conditions import (
     ConditionTokens,
     ResizeInfo,
@@ -40,6 +41,7 @@ from .conditions import (
 )
 from .errors import GenRefocusInputError
 from .flux_lora import flux_forward
+from .memory import execution_device_dtype, place_adapters, should_tile_vae, vae_tiling
 from .prompts import PromptEmbedding
 from .sampler import FLUX_DEV_SHIFT, FlowShift, TileLayout, denoise, flow_sigmas, flux_mu, should_tile
 
@@ -48,7 +50,9 @@ __all__ = [
     "BOKEH_NOISE_SEED",
     "CONDITION_SEED",
     "DEBLUR_GUIDANCE",
+    "FAST_OPTIONS",
     "PRE_DEBLUR_DELTA",
+    "VAE_TILE",
     "ConditionInput",
     "GenerationOptions",
     "GenerationResult",
@@ -72,6 +76,8 @@ CONDITION_SEED = 42
 BOKEH_NOISE_SEED = 1234
 #: Position offset (rows, columns in tokens) of the pre-deblurred condition.
 PRE_DEBLUR_DELTA = (0, 32)
+#: VAE tile side in px when the VAE runs tiled (``vae_tiling``), overlap 1/4.
+VAE_TILE = 1024
 
 
 # ------------------------------------------------------------------------------------------------
@@ -88,12 +94,18 @@ class GenfocusModels:
         vae: diffusers ``AutoencoderKL`` (FLUX VAE).
         prompts: cached prompt embeddings by name (``"deblur"``, ``"bokeh"``).
         shift: scheduler shift constants.
+        condition_cache: the default of :attr:`GenerationOptions.condition_cache` (fast mode chosen
+            at load time; ``"off"`` = exact).
+        offload_device: where idle weights wait (the other stage's LoRA, the depth model between
+            its uses); ``None`` leaves them where they are.
     """
 
     transformer: nn.Module
     vae: Any
     prompts: Mapping[str, PromptEmbedding]
     shift: FlowShift = FLUX_DEV_SHIFT
+    condition_cache: str = "off"
+    offload_device: torch.device | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +125,12 @@ class GenerationOptions:
         keep_condition_deltas: keep position offsets in tiles (fix #2; official drops them).
         mu: ``"full"`` (official: from the full image's tokens), ``"clamped"`` (tokens clamped to
             the scheduler's [base, max] range) or ``"tile"`` (a tile's tokens when tiled).
+        condition_cache: fast mode: ``"off"`` (exact, parity), ``"on"`` / ``"cpu"`` (condition K/V
+            recorded at the first step and replayed, per tile chunk, kept on the device or in host
+            memory; an approximation, see :mod:`~genrefocus_core.condition_cache`), or ``None``
+            (the models' default, :attr:`GenfocusModels.condition_cache`).
+        vae_tiling: ``"auto"`` (tiled above 2 MP), ``"on"`` or ``"off"``: VAE encode/decode in
+            1024 px tiles (bounded deviation, memory independent of the image size).
     """
 
     steps: int = 28
@@ -125,6 +143,8 @@ class GenerationOptions:
     condition_latent: str = "sample"
     keep_condition_deltas: bool = False
     mu: str = "full"
+    condition_cache: str | None = None
+    vae_tiling: str = "auto"
 
     def __post_init__(self) -> None:
         for name, lo in (("steps", 1), ("tile_batch", 1), ("tile_size", 16), ("seed", 0)):
@@ -144,11 +164,22 @@ class GenerationOptions:
             ("noise", ("reference", "seeded")),
             ("condition_latent", ("sample", "mean")),
             ("mu", ("full", "clamped", "tile")),
+            ("vae_tiling", ("auto", "on", "off")),
         ):
             if getattr(self, name) not in allowed:
                 raise GenRefocusInputError(
                     f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
                 )
+        if self.condition_cache is not None and self.condition_cache not in CONDITION_CACHE_MODES:
+            raise GenRefocusInputError(
+                f"condition_cache must be one of {', '.join(CONDITION_CACHE_MODES)} or None, "
+                f"got {self.condition_cache!r}"
+            )
+
+
+#: The fast mode: 12 steps (0.43x the FLOPs of 28) with the condition K/V cache (0.23x in all; an
+#: approximation of the parity path, see README "Memory and fast modes").
+FAST_OPTIONS = GenerationOptions(steps=12, condition_cache="on")
 
 
 @dataclass(frozen=True)
@@ -201,8 +232,7 @@ def _prompt(models: GenfocusModels, name: str, device: torch.device, dtype: torc
 
 
 def _model_device_dtype(models: GenfocusModels) -> tuple[torch.device, torch.dtype]:
-    p = next(models.transformer.parameters())
-    return p.device, p.dtype
+    return execution_device_dtype(models.transformer)
 
 
 def generate_from_tokens(
@@ -274,7 +304,13 @@ def generate_from_tokens(
         tiles if tiles is not None else "untiled",
     )
 
-    def velocity(x: Tensor, ids: Tensor, conds: Sequence[ConditionTokens], t: Tensor) -> Tensor:
+    def velocity(
+        x: Tensor,
+        ids: Tensor,
+        conds: Sequence[ConditionTokens],
+        t: Tensor,
+        condition_cache: ConditionCache | None = None,
+    ) -> Tensor:
         return flux_forward(
             models.transformer,
             x,
@@ -284,7 +320,12 @@ def generate_from_tokens(
             pooled=emb.pooled,
             guidance=guidance,
             conditions=conds,
+            condition_cache=condition_cache,
         )
+
+    cache_mode = options.condition_cache if options.condition_cache is not None else models.condition_cache
+    if models.offload_device is not None:
+        place_adapters(models.transformer, {c.adapter for c in conditions}, device, models.offload_device)
 
     record = trace is not None
     outs: list[Tensor] = []
@@ -309,8 +350,10 @@ def generate_from_tokens(
             keep_condition_deltas=options.keep_condition_deltas,
             on_step=on_step,
             on_velocity=on_velocity if record else None,
+            condition_cache=cache_mode,
         )
-        z, decoded = decode_latents(models.vae, final, height, width)
+        with vae_tiling(models.vae, should_tile_vae(height, width, options.vae_tiling), VAE_TILE):
+            z, decoded = decode_latents(models.vae, final, height, width)
     image = (decoded.float() * 0.5 + 0.5).clamp(0, 1)
     image = torch.round(image * 255.0) / 255.0
     if trace is not None:
@@ -398,7 +441,8 @@ def generate(
     latents = pack_latents(noise.to(device=device, dtype=dtype))
     h, w = height // 16, width // 16
     tokens = []
-    with torch.no_grad():
+    tiled_vae = should_tile_vae(height, width, options.vae_tiling)
+    with torch.no_grad(), vae_tiling(models.vae, tiled_vae, VAE_TILE):
         for i, c in enumerate(conditions):
             # upstream normalises in float32, then casts to the pipeline dtype (layout preserved)
             x = vae_input_from_image(c.pixels.float(), normalize=c.preprocess, channels_last=c.preprocess)

@@ -133,6 +133,9 @@ def load_genfocus_models(
     device: torch.device | str = "cpu",
     transformer_config: dict | str | Path | None = None,
     vae_config: dict | str | Path | None = None,
+    memory_mode: str = "full",
+    offload_device: torch.device | str | None = None,
+    condition_cache: str = "off",
 ) -> GenfocusModels:
     """Load everything a Genfocus run needs, from local files only; LoRAs stay resident together.
 
@@ -150,6 +153,12 @@ def load_genfocus_models(
         device: where to put the weights.
         transformer_config: config for single files that are not FLUX.1-dev sized.
         vae_config: config for a single-file VAE that is not FLUX.1's.
+        memory_mode: how the transformer is stored and placed (:mod:`~genrefocus_core.memory`):
+            ``full``, ``fp8``, ``nf4``, ``offload`` or ``fp8_offload``; ``device`` is the compute
+            device (streamed modes keep the blocks on ``offload_device``).
+        offload_device: where idle and streamed weights wait (default: the CPU for streamed modes,
+            else idle weights are not moved).
+        condition_cache: default fast-mode condition cache of the runs (``off``, ``on``, ``cpu``).
 
     Returns:
         A :class:`~genrefocus_core.genpipe.GenfocusModels` (scheduler constants from a
@@ -169,19 +178,36 @@ def load_genfocus_models(
         >>> sorted(models.transformer.peft_config)  # doctest: +SKIP
         ['bokeh', 'deblurring']
     """
-    from .flux_lora import load_lora, load_transformer
+    from .flux_lora import load_lora
     from .prompts import load_prompt_embeddings
 
     if deblur_lora is None and bokeh_lora is None and pre_deblur_lora is None:
         raise GenRefocusInputError(
             "at least one of deblur_lora, bokeh_lora and pre_deblur_lora must be given, got none"
         )
+    from .loading import load_flux_transformer
+    from .memory import MemoryMode, apply_memory_mode
+
+    try:
+        mode = MemoryMode(memory_mode)
+    except ValueError:
+        raise GenRefocusInputError(
+            f"memory_mode must be one of {', '.join(m.value for m in MemoryMode)}, got {memory_mode!r}"
+        ) from None
     tpath = Path(transformer)
-    model = load_transformer(tpath, device=device, dtype=dtype, config=transformer_config)
+    offload = torch.device(offload_device) if offload_device is not None else None
+    # quantised and streamed modes are built on the host, so the compute device never holds bf16 weights
+    load_device = device if mode in (MemoryMode.FULL, MemoryMode.FP8) else (offload or "cpu")
+    storage = getattr(torch, "float8_e4m3fn", None) if mode.storage == "fp8" else None
+    model = load_flux_transformer(tpath, device=load_device, dtype=dtype, config=transformer_config,
+                                  storage_dtype=storage)
     for path, adapter in ((deblur_lora, ADAPTER_DEBLUR), (pre_deblur_lora, ADAPTER_PRE_DEBLUR),
                           (bokeh_lora, ADAPTER_BOKEH)):
         if path is not None:
             load_lora(model, path, adapter)
+    if mode is not MemoryMode.FULL:
+        apply_memory_mode(model, mode, compute_dtype=dtype, onload_device=device,
+                          offload_device=offload or "cpu")
     vae_model = load_flux_vae(vae, config=vae_config, device=device, dtype=dtype)
     cfg = model.config
     embeds = {} if prompts is None else load_prompt_embeddings(
@@ -191,4 +217,5 @@ def load_genfocus_models(
         device=device,
         dtype=dtype,
     )
-    return GenfocusModels(model, vae_model, embeds, _scheduler_shift(tpath))
+    return GenfocusModels(model, vae_model, embeds, _scheduler_shift(tpath), condition_cache=condition_cache,
+                          offload_device=offload)

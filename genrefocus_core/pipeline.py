@@ -21,12 +21,15 @@ crop; the cropped bands, at most 15 px of the scaled image per side, repeat the 
 and defocus maps stay at the processed size.
 
 Weights: :func:`~genrefocus_core.models.load_genfocus_models` (both LoRAs resident at once).
+With ``models.offload_device`` set (memory modes), the depth model waits there and comes to the
+compute device only to estimate depth, and each stage moves the other stage's LoRA there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +50,7 @@ from .geometry import (
     restore_input_size,
     to_processed,
 )
+from .memory import execution_device_dtype
 from .models import ADAPTER_BOKEH, ADAPTER_DEBLUR, ADAPTER_PRE_DEBLUR, LORA_FILES, load_genfocus_models
 from .sampler import TileLayout, should_tile
 
@@ -316,6 +320,29 @@ def _resize(image: Tensor, long_side: int) -> tuple[Tensor, ResizeInfo]:
     return resize_for_generation(image.float(), long_side)
 
 
+@contextlib.contextmanager
+def _depth_in_use(models: GenfocusModels, depth_model: DepthModel) -> Iterator[None]:
+    """The depth model on the transformer's compute device while it runs, else on ``offload_device``.
+
+    Only with ``models.offload_device`` set (the memory modes' choice); otherwise it stays put.
+    """
+    if models.offload_device is None:
+        yield
+        return
+    device, _ = execution_device_dtype(models.transformer)
+    depth_model.to(device)
+    try:
+        yield
+    finally:
+        depth_model.to(models.offload_device)
+
+
+def _park_depth(models: GenfocusModels, depth_model: DepthModel | None) -> None:
+    """Move an idle depth model off the compute device before DeblurNet runs (offload_device set)."""
+    if depth_model is not None and models.offload_device is not None:
+        depth_model.to(models.offload_device)
+
+
 def _deblur_frames(
     models: GenfocusModels,
     image: Tensor,
@@ -387,7 +414,8 @@ def _bokeh_frames(
             metric, dmap_m = defocus.metric, None
         else:
             if given is None:  # check_inputs guarantees a depth model then
-                dmap = depth_model.estimate(frame)
+                with _depth_in_use(models, depth_model):
+                    dmap = depth_model.estimate(frame)
                 progress.tick()
             else:
                 dmap = DepthMap(
@@ -656,6 +684,7 @@ def refocus(
     fw = _forwards(h, w, options)
     units = fw if k == 0 else 2 * fw + (1 if depth_model is not None else 0)
     progress = _Progress(image.shape[0] * units, on_step)
+    _park_depth(models, depth_model if k > 0 else None)
     aif = _deblur_frames(
         models,
         image,

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_number
+from .condition_cache import CONDITION_CACHE_MODES, ConditionCache
 from .conditions import ConditionTokens, latent_image_ids
 from .errors import GenRefocusInputError
 
@@ -41,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 #: ``velocity_fn(latents (b, n, C), latent_ids (n, 3), conditions, timestep (b,)) -> (b, n, C)``;
 #: ``timestep`` is the model time in [0, 1] (``sigma``), conditions hold tokens of the same ``b``.
+#: With :func:`denoise`'s ``condition_cache`` on, it is also called with the keyword
+#: ``condition_cache=`` (a :class:`~genrefocus_core.condition_cache.ConditionCache`, one per tile chunk).
 VelocityFn = Callable[[Tensor, Tensor, Sequence[ConditionTokens], Tensor], Tensor]
 
 
@@ -281,6 +284,7 @@ def denoise(
     keep_condition_deltas: bool = False,
     on_step: Callable[[int, int], None] | None = None,
     on_velocity: Callable[[int, Tensor, Tensor], None] | None = None,
+    condition_cache: str = "off",
 ) -> Tensor:
     """Run the Euler loop over ``sigmas``, untiled or tiled (MultiDiffusion, Gaussian blend).
 
@@ -304,6 +308,11 @@ def denoise(
         on_step: progress ``on_step(done, total)`` after every forward, counted in tiles
             (``total = steps * tiles``; untiled: one tile per step).
         on_velocity: ``on_velocity(i, velocity, latents_after_step)`` for tracing (parity runner).
+        condition_cache: fast mode, ``"off"`` (exact), ``"on"`` or ``"cpu"``: the first step records
+            each forward's condition K/V (one cache per tile chunk, kept on the latents' device or
+            in host memory) and later steps replay them, an approximation
+            (:mod:`~genrefocus_core.condition_cache`). Needs conditions; ``velocity_fn`` must take
+            the ``condition_cache`` keyword.
 
     Returns:
         ``(B, N, C)`` final latents in the velocity dtype.
@@ -327,6 +336,20 @@ def denoise(
     if isinstance(tile_batch, bool) or not isinstance(tile_batch, int) or tile_batch < 1:
         raise GenRefocusInputError(f"tile_batch must be an integer >= 1, got {tile_batch!r}")
     _check_conditions(latents, conditions)
+    if condition_cache not in CONDITION_CACHE_MODES:
+        raise GenRefocusInputError(
+            f"condition_cache must be one of {', '.join(CONDITION_CACHE_MODES)}, got {condition_cache!r}"
+        )
+    caching = condition_cache != "off" and bool(conditions)
+    caches: dict[int, ConditionCache] = {}
+
+    def call(x: Tensor, ids: Tensor, conds: Sequence[ConditionTokens], t: Tensor, key: int) -> Tensor:
+        if not caching:
+            return velocity_fn(x, ids, conds, t)
+        if key not in caches:
+            caches[key] = ConditionCache("cpu" if condition_cache == "cpu" else None)
+        return velocity_fn(x, ids, conds, t, condition_cache=caches[key])
+
     if tiles is not None and (tiles.height, tiles.width) != (h, w):
         raise GenRefocusInputError(f"tiles must cover the {h}x{w} grid, got {tiles!r}")
     device = latents.device
@@ -351,7 +374,7 @@ def denoise(
     for i in range(n_steps):
         if tiles is None:
             t = timesteps[i].expand(b).to(latents.dtype) / 1000.0
-            v = velocity_fn(latents, ids, conditions, t)
+            v = call(latents, ids, conditions, t, 0)
             done += 1
             if on_step is not None:
                 on_step(done, total)
@@ -367,7 +390,7 @@ def denoise(
                     full = c.tokens.expand(b, -1, -1)
                     conds.append(c.with_tokens(torch.cat([full[:, idx] for idx in chunk], dim=0), cid))
                 t = timesteps[i].expand(k * b).to(latents.dtype) / 1000.0
-                v_chunk = velocity_fn(x, tile_ids, conds, t).to(torch.float32)
+                v_chunk = call(x, tile_ids, conds, t, start).to(torch.float32)
                 for j, idx in enumerate(chunk):
                     acc[:, idx] += v_chunk[j * b : (j + 1) * b] * g[None, :, None]
                     wsum[:, idx] += g

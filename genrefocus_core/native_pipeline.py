@@ -146,6 +146,8 @@ class NativeModels:
         dtype: compute dtype (ComfyUI: the model's manual-cast or weight dtype).
         shift: scheduler shift constants.
         attention: attention kernel (None: torch SDPA).
+        prepare: called before every denoise with the image-like tokens of one transformer call
+            (ComfyUI: load the MODEL with that much working memory, after the VAE ran).
     """
 
     flux: Any
@@ -156,6 +158,7 @@ class NativeModels:
     dtype: torch.dtype = torch.float32
     shift: FlowShift = FLUX_DEV_SHIFT
     attention: AttentionFn | None = None
+    prepare: Callable[[int], None] | None = None
 
 
 def _require(models: object, adapter: str | None = None, prompt: str | None = None) -> NativeModels:
@@ -229,6 +232,11 @@ def native_generate_from_tokens(
             raise GenRefocusInputError(
                 f"conditions[{i}] must have {h * w} tokens (the image's grid), got {c.tokens.shape[1]}"
             )
+    cache = getattr(options, "condition_cache", None)
+    if cache not in (None, "off"):
+        raise GenRefocusInputError(
+            f"condition_cache must be 'off' on the native backend (no condition K/V cache), got {cache!r}"
+        )
     device, dtype = torch.device(models.device), models.dtype
     emb = models.prompts[prompt].to(device=device, dtype=dtype)
     tiled = should_tile(height, width, tiling=options.tiling, tile_size=options.tile_size)
@@ -269,6 +277,9 @@ def native_generate_from_tokens(
     conditions = [
         c.with_tokens(c.tokens.to(device=device, dtype=dtype), c.ids.to(device)) for c in conditions
     ]
+    if models.prepare is not None:
+        per_call = tiles.tile_shape[0] * tiles.tile_shape[1] * options.tile_batch if tiles else h * w
+        models.prepare(per_call * latents.shape[0] * (1 + len(conditions)))
     with torch.no_grad():
         final = denoise(
             velocity,

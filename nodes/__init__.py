@@ -6,6 +6,7 @@ from .depth import DepthFromImage
 from .depth_models import EstimateDepth
 from .generative import BokehNet, DeblurNet, Refocus, TiledDenoise
 from .loaders import DepthModelLoader, GenfocusModelLoader
+from .native import NativeModelLoader
 from .render import ClassicalBokeh
 
 NODES = [
@@ -18,6 +19,7 @@ NODES = [
     ApertureShape,
     ClassicalBokeh,
     GenfocusModelLoader,
+    NativeModelLoader,
     TiledDenoise,
     DeblurNet,
     BokehNet,

@@ -11,15 +11,21 @@ The fixed prompts' text embeddings come from the loader's cached file or, when c
 ComfyUI ``CONDITIONING`` inputs (first entry: T5 ``(1, L, 4096)`` + ``pooled_output`` ``(1, 768)``).
 ComfyUI's FLUX T5 pads to at least 256 tokens where the official pipeline pads to 512 without a
 mask, so CONDITIONING gives slightly different images (official-pipeline.md §15).
+
+The pipe comes from either backend: Load Genfocus Models (diffusers + peft, the reference) or
+Genfocus LoRAs on ComfyUI Model (``nodes/native.py``: ComfyUI's own FLUX MODEL and VAE, managed by
+ComfyUI; conditions are encoded to the VAE posterior mean there). The nodes run the same stages
+on both (``genrefocus_core.pipeline`` / ``genrefocus_core.native_pipeline``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import chain
+from types import SimpleNamespace
 
 import torch
 from comfy_api.latest import io
@@ -28,9 +34,12 @@ from ..genrefocus_core.defocus import FocusTarget
 from ..genrefocus_core.depth_models import DepthModel as CoreDepthModel
 from ..genrefocus_core.errors import GenRefocusInputError, GenRefocusModelError
 from ..genrefocus_core.genpipe import GenerationOptions, GenfocusModels
+from ..genrefocus_core.native_pipeline import native_bokeh_image, native_deblur_image, native_refocus
 from ..genrefocus_core.pipeline import MAX_STEPS, bokeh_image, deblur_image, refocus
 from ..genrefocus_core.prompts import PROMPTS, PromptEmbedding
 from ._glue import bchw_to_image, check_combo, image_to_bchw, progress, user_errors
+from .loaders import PIPE_LOADER
+from .native import NATIVE_LOADER, NativePipe
 from .sockets import Defocus, Depth, DepthModel, Focus, Pipe, Tiling
 
 TILED = "Tiled Denoise Settings"
@@ -85,15 +94,21 @@ class TileSettings:
 
 
 @contextlib.contextmanager
-def _on_compute_device(pipe: GenerativePipe, depth_model: CoreDepthModel | None = None) -> Iterator[None]:
+def _on_compute_device(pipe: GenerativePipe | None,
+                       depth_model: CoreDepthModel | None = None) -> Iterator[None]:
+    """The reference pipe (if given) and the depth model on the compute device for one run."""
     import comfy.model_management as mm
 
     device = mm.get_torch_device()
-    need = _WORKSPACE_BYTES + (pipe.memory_bytes() if pipe.device != device else 0)
+    need = _WORKSPACE_BYTES if pipe is not None else 0
+    if pipe is not None and pipe.device != device:
+        need += pipe.memory_bytes()
     if depth_model is not None:
         need += depth_model.memory_bytes(device)
-    mm.free_memory(need, device)
-    pipe.to(device)
+    if need:
+        mm.free_memory(need, device)
+    if pipe is not None:
+        pipe.to(device)
     if depth_model is not None:
         depth_model.to(device)
     try:
@@ -102,9 +117,31 @@ def _on_compute_device(pipe: GenerativePipe, depth_model: CoreDepthModel | None 
         offload = mm.unet_offload_device()
         if depth_model is not None:
             depth_model.to(offload)
-        if not pipe.keep_loaded:
+        if pipe is not None and not pipe.keep_loaded:
             pipe.to(offload)
         mm.soft_empty_cache()
+
+
+_REFERENCE = SimpleNamespace(deblur_image=deblur_image, bokeh_image=bokeh_image, refocus=refocus)
+_NATIVE = SimpleNamespace(deblur_image=native_deblur_image, bokeh_image=native_bokeh_image,
+                          refocus=native_refocus)
+
+
+@contextlib.contextmanager
+def _backend(pipe: GenerativePipe | NativePipe, prompts: Mapping[str, PromptEmbedding],
+             depth_model: CoreDepthModel | None = None) -> Iterator[tuple[object, SimpleNamespace]]:
+    """``(models, stages)`` of the pipe's backend, ready to run (weights placed, prompts chosen)."""
+    if isinstance(pipe, NativePipe):
+        with _on_compute_device(None, depth_model), pipe.loaded(prompts) as models:
+            yield models, _NATIVE
+    else:
+        with _on_compute_device(pipe, depth_model):
+            yield dataclasses.replace(pipe.models, prompts=dict(prompts)), _REFERENCE
+
+
+def _backend_options(pipe: GenerativePipe | NativePipe, options: GenerationOptions) -> GenerationOptions:
+    # ComfyUI's VAE gives the posterior mean (official: a sample), README "Which backend?"
+    return dataclasses.replace(options, condition_latent="mean") if isinstance(pipe, NativePipe) else options
 
 
 @contextlib.contextmanager
@@ -119,10 +156,11 @@ def _errors(node: str) -> Iterator[None]:
         raise GenRefocusModelError(f"[{node}] {e}") from e
 
 
-def _check_pipe(node: str, pipe: object) -> GenerativePipe:
-    if not isinstance(pipe, GenerativePipe):
+def _check_pipe(node: str, pipe: object) -> GenerativePipe | NativePipe:
+    if not isinstance(pipe, GenerativePipe | NativePipe):
         raise GenRefocusInputError(
-            f"[{node}] pipe must come from Load Genfocus Models, got {type(pipe).__name__}"
+            f"[{node}] pipe must come from Load Genfocus Models or Genfocus LoRAs on ComfyUI Model, "
+            f"got {type(pipe).__name__}"
         )
     return pipe
 
@@ -169,12 +207,19 @@ def _conditioning_input(param: str, prompt: str) -> io.Input:
     )
 
 
-def _conditioning(node: str, param: str, cond, pipe: GenerativePipe, prompt: str) -> PromptEmbedding | None:
+def _text_dims(pipe: GenerativePipe | NativePipe) -> tuple[int, int]:
+    if isinstance(pipe, NativePipe):
+        return pipe.text_dims()
+    cfg = pipe.models.transformer.config
+    return cfg.joint_attention_dim, cfg.pooled_projection_dim
+
+
+def _conditioning(node: str, param: str, cond, pipe: GenerativePipe | NativePipe,
+                  prompt: str) -> PromptEmbedding | None:
     """The first entry of a ComfyUI CONDITIONING as a prompt embedding, checked against the transformer."""
     if cond is None:
         return None
-    cfg = pipe.models.transformer.config
-    d_txt, d_pool = cfg.joint_attention_dim, cfg.pooled_projection_dim
+    d_txt, d_pool = _text_dims(pipe)
     entry = cond[0] if isinstance(cond, (list, tuple)) and cond else None
     if not (isinstance(entry, (list, tuple)) and len(entry) >= 2 and isinstance(entry[1], dict)):
         raise GenRefocusInputError(
@@ -197,20 +242,23 @@ def _conditioning(node: str, param: str, cond, pipe: GenerativePipe, prompt: str
     return PromptEmbedding(PROMPTS[prompt], emb, pooled)
 
 
-def _models(node: str, pipe: GenerativePipe, given: dict[str, tuple[str, PromptEmbedding | None]],
-            needed: tuple[str, ...]) -> GenfocusModels:
-    """The pipe's models, connected CONDITIONING replacing cached prompts; each needed prompt present."""
-    prompts = dict(pipe.models.prompts)
+def _prompts(node: str, pipe: GenerativePipe | NativePipe,
+             given: dict[str, tuple[str, PromptEmbedding | None]],
+             needed: tuple[str, ...]) -> dict[str, PromptEmbedding]:
+    """The pipe's cached prompts, connected CONDITIONING replacing them; each needed prompt present."""
+    native = isinstance(pipe, NativePipe)
+    prompts = dict(pipe.prompts if native else pipe.models.prompts)
     prompts.update({name: emb for name, (_, emb) in given.items() if emb is not None})
+    loader = NATIVE_LOADER if native else PIPE_LOADER
     for name in needed:
         if name not in prompts:
             raise GenRefocusModelError(
                 f"[{node}] no text embedding for the {name} prompt: pick the cached prompt file "
                 "(genfocus_prompts.safetensors in models/genrefocus; build it once with python -m "
-                f"genrefocus_core build-prompts) in Load Genfocus Models, or connect {given[name][0]} "
+                f"genrefocus_core build-prompts) in {loader}, or connect {given[name][0]} "
                 f"(CLIP Text Encode of {PROMPTS[name]!r} with a FLUX CLIP)"
             )
-    return dataclasses.replace(pipe.models, prompts=prompts)
+    return prompts
 
 
 def _tiling_input() -> io.Input:
@@ -289,10 +337,11 @@ class DeblurNet(io.ComfyNode):
         frames = image_to_bchw(image, node=DEBLUR)
         pre = _optional_image(DEBLUR, pre_deblurred)
         cond = _conditioning(DEBLUR, "conditioning", conditioning, pipe, "deblur")
-        models = _models(DEBLUR, pipe, {"deblur": ("conditioning", cond)}, ("deblur",))
-        with _errors(DEBLUR), _on_compute_device(pipe):
-            out = deblur_image(frames, models=models, options=options, pre_deblurred=pre,
-                               long_side=long_side, restore_size=restore_size, on_step=progress(1))
+        prompts = _prompts(DEBLUR, pipe, {"deblur": ("conditioning", cond)}, ("deblur",))
+        with _errors(DEBLUR), _backend(pipe, prompts) as (models, stages):
+            out = stages.deblur_image(frames, models=models, options=_backend_options(pipe, options),
+                                      pre_deblurred=pre, long_side=long_side, restore_size=restore_size,
+                                      on_step=progress(1))
         return io.NodeOutput(bchw_to_image(out.image))
 
 
@@ -327,10 +376,11 @@ class BokehNet(io.ComfyNode):
         options = _options(BOKEH, steps, seed, noise, tiling)
         frames = image_to_bchw(image, node=BOKEH)
         cond = _conditioning(BOKEH, "conditioning", conditioning, pipe, "bokeh")
-        models = _models(BOKEH, pipe, {"bokeh": ("conditioning", cond)}, ("bokeh",))
-        with _errors(BOKEH), _on_compute_device(pipe):
-            out = bokeh_image(frames, models=models, defocus=defocus, options=options,
-                              long_side=long_side, restore_size=restore_size, on_step=progress(1))
+        prompts = _prompts(BOKEH, pipe, {"bokeh": ("conditioning", cond)}, ("bokeh",))
+        with _errors(BOKEH), _backend(pipe, prompts) as (models, stages):
+            out = stages.bokeh_image(frames, models=models, defocus=defocus,
+                                     options=_backend_options(pipe, options), long_side=long_side,
+                                     restore_size=restore_size, on_step=progress(1))
         return io.NodeOutput(bchw_to_image(out.image))
 
 
@@ -395,12 +445,13 @@ class Refocus(io.ComfyNode):
             "bokeh": ("bokeh_conditioning",
                       _conditioning(REFOCUS, "bokeh_conditioning", bokeh_conditioning, pipe, "bokeh")),
         }
-        models = _models(REFOCUS, pipe, given, ("deblur", "bokeh") if k > 0 else ("deblur",))
+        prompts = _prompts(REFOCUS, pipe, given, ("deblur", "bokeh") if k > 0 else ("deblur",))
         model = depth_model if k > 0 and depth is None else None
-        with _errors(REFOCUS), _on_compute_device(pipe, model):
-            out = refocus(frames, models=models, depth_model=model, depth=depth if k > 0 else None,
-                          focus=focus or FocusTarget("center"), k=k, options=options, pre_deblurred=pre,
-                          long_side=long_side, restore_size=restore_size, on_step=progress(1))
+        with _errors(REFOCUS), _backend(pipe, prompts, model) as (models, stages):
+            out = stages.refocus(frames, models=models, depth_model=model, depth=depth if k > 0 else None,
+                                 focus=focus or FocusTarget("center"), k=k,
+                                 options=_backend_options(pipe, options), pre_deblurred=pre,
+                                 long_side=long_side, restore_size=restore_size, on_step=progress(1))
         cond = out.defocus if out.defocus is not None else torch.zeros_like(out.aif[:, :1])
         return io.NodeOutput(bchw_to_image(out.image), bchw_to_image(out.aif),
                              bchw_to_image(cond.expand(-1, 3, -1, -1)))

@@ -4,7 +4,9 @@ The module tree (names, shapes, callables) of ComfyUI's ``comfy.ldm.flux.model.F
 native backend (``genrefocus_core.native_flux``) walks — so the native forward can be checked
 against the diffusers reference in CI without ComfyUI. It has no forward of its own; the real
 ComfyUI class is exercised by ``tests/nodes/test_native_backend.py`` (with ``COMFYUI_PATH``).
-Weights come from a diffusers ``FluxTransformer2DModel`` through ``flux_convert.diffusers_to_bfl``.
+Weights come from a diffusers ``FluxTransformer2DModel`` through ``flux_convert.diffusers_to_bfl``,
+passed in by the caller (node tests use the pack's copy of ``genrefocus_core``, core tests the
+top-level one; one test run must never import both).
 """
 
 from __future__ import annotations
@@ -12,9 +14,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from genrefocus_core.flux_convert import diffusers_to_bfl
-from genrefocus_core.flux_lora import lora_target_modules
 
 
 class _RMSNorm(nn.Module):
@@ -116,19 +115,25 @@ class BflFlux(nn.Module):
         self.final_layer = _LastLayer(d, cfg.in_channels)
 
 
-def bfl_twin(model: nn.Module) -> BflFlux:
-    """The BFL-layout twin of a diffusers ``FluxTransformer2DModel`` (base weights, adapters excluded)."""
+def bfl_state_dict(model: nn.Module, diffusers_to_bfl) -> dict[str, torch.Tensor]:
+    """The base weights of a diffusers FLUX (adapters excluded) in BFL keys."""
     sd = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+    return diffusers_to_bfl(sd)
+
+
+def bfl_twin(model: nn.Module, diffusers_to_bfl) -> BflFlux:
+    """The BFL-layout twin of a diffusers ``FluxTransformer2DModel`` (base weights, adapters excluded)."""
     twin = BflFlux(model.config)
-    twin.load_state_dict(diffusers_to_bfl(sd), strict=True)
+    twin.load_state_dict(bfl_state_dict(model, diffusers_to_bfl), strict=True)
     return twin.eval()
 
 
-def adapter_state_dict(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
-    """A PEFT adapter of ``model`` as a Genfocus LoRA file's tensors (``transformer.<m>.lora_A.weight``)."""
+def adapter_state_dict(model: nn.Module, adapter: str, targets: list[str]) -> dict[str, torch.Tensor]:
+    """A PEFT adapter of ``model`` as a Genfocus LoRA file's tensors (``transformer.<m>.lora_A.weight``);
+    ``targets`` = ``flux_lora.lora_target_modules(model)``."""
     mods = dict(model.named_modules())
     sd = {}
-    for name in lora_target_modules(model):
+    for name in targets:
         layer = mods[name]
         sd[f"transformer.{name}.lora_A.weight"] = layer.lora_A[adapter].weight.detach().clone()
         sd[f"transformer.{name}.lora_B.weight"] = layer.lora_B[adapter].weight.detach().clone()

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from genrefocus_core.conditions import ConditionTokens, latent_image_ids
 from genrefocus_core.errors import GenRefocusInputError, GenRefocusModelError
+from genrefocus_core.flux_convert import diffusers_to_bfl
 from genrefocus_core.flux_lora import flux_forward, load_lora, lora_target_modules
 from genrefocus_core.native_flux import (
     FusedLora,
@@ -75,8 +76,11 @@ def _reference(guidance_embeds: bool = True) -> FluxTransformer2DModel:
 def pair():
     """(reference with both adapters, BFL twin, {adapter: NativeLora})."""
     ref = _reference()
-    twin = bfl_flux.bfl_twin(ref)
-    loras = {a: native_lora_from_state_dict(bfl_flux.adapter_state_dict(ref, a), twin, a) for a in ADAPTERS}
+    twin = bfl_flux.bfl_twin(ref, diffusers_to_bfl)
+    loras = {
+        a: native_lora_from_state_dict(bfl_flux.adapter_state_dict(ref, a, lora_target_modules(ref)), twin, a)
+        for a in ADAPTERS
+    }
     return ref, twin, loras
 
 
@@ -162,7 +166,7 @@ def test_sparse_parts_leave_other_rows_zero():
 
 def test_loading_is_strict_and_names_the_problem(pair, tmp_path):
     ref, twin, _ = pair
-    sd = bfl_flux.adapter_state_dict(ref, "bokeh")
+    sd = bfl_flux.adapter_state_dict(ref, "bokeh", lora_target_modules(ref))
     key = "transformer.transformer_blocks.0.attn.to_k.lora_A.weight"
     with pytest.raises(GenRefocusModelError, match=r"1 missing key\(s\): " + key.replace(".", r"\.")):
         native_lora_from_state_dict({k: v for k, v in sd.items() if k != key}, twin, "bokeh")
@@ -186,7 +190,11 @@ def test_a_file_loads_the_same_in_both_backends(pair, tmp_path):
     ref, twin, _ = pair
     path = tmp_path / "bokehNet.safetensors"
     save_file(
-        {k: v.contiguous() for k, v in bfl_flux.adapter_state_dict(ref, "deblurring").items()}, str(path)
+        {
+            k: v.contiguous()
+            for k, v in bfl_flux.adapter_state_dict(ref, "deblurring", lora_target_modules(ref)).items()
+        },
+        str(path),
     )
     fresh = copy.deepcopy(ref)
     fresh.delete_adapters(list(ADAPTERS))
@@ -218,7 +226,7 @@ def test_a_file_loads_the_same_in_both_backends(pair, tmp_path):
         )
     torch.testing.assert_close(b, a, **TOL)
     assert native["bokeh"].parameters == sum(
-        v.numel() for v in bfl_flux.adapter_state_dict(ref, "bokeh").values()
+        v.numel() for v in bfl_flux.adapter_state_dict(ref, "bokeh", lora_target_modules(ref)).values()
     )
 
 
@@ -240,8 +248,11 @@ def test_forward_equals_the_reference(pair, n_cond):
 
 def test_without_guidance_embedding_equals_the_reference():
     ref = _reference(guidance_embeds=False)
-    twin = bfl_flux.bfl_twin(ref)
-    loras = {a: native_lora_from_state_dict(bfl_flux.adapter_state_dict(ref, a), twin, a) for a in ADAPTERS}
+    twin = bfl_flux.bfl_twin(ref, diffusers_to_bfl)
+    loras = {
+        a: native_lora_from_state_dict(bfl_flux.adapter_state_dict(ref, a, lora_target_modules(ref)), twin, a)
+        for a in ADAPTERS
+    }
     x, ids, conds, emb, pooled = _inputs()
     a, b = _both((ref, twin, loras), x, ids, conds, emb, pooled, guidance=None)
     torch.testing.assert_close(b, a, **TOL)

@@ -25,6 +25,7 @@ from genrefocus_core.conditions import ConditionTokens
 from genrefocus_core.defocus import FocusTarget, defocus_map
 from genrefocus_core.depth import DepthMap
 from genrefocus_core.errors import GenRefocusInputError, GenRefocusModelError
+from genrefocus_core.flux_convert import diffusers_to_bfl
 from genrefocus_core.flux_lora import lora_target_modules
 from genrefocus_core.genpipe import GenerationOptions, GenfocusModels, bokeh, deblur, generate_from_tokens
 from genrefocus_core.models import ADAPTER_BOKEH, ADAPTER_DEBLUR, ADAPTER_PRE_DEBLUR, load_genfocus_models
@@ -95,8 +96,13 @@ def backends() -> tuple[GenfocusModels, NativeModels]:
         n: PromptEmbedding(p, torch.randn(1, 8, 32, generator=g), torch.randn(1, 32, generator=g))
         for n, p in (("deblur", DEBLUR_PROMPT), ("bokeh", BOKEH_PROMPT))
     }
-    twin = bfl_flux.bfl_twin(flux)
-    loras = {a: native_lora_from_state_dict(bfl_flux.adapter_state_dict(flux, a), twin, a) for a in ADAPTERS}
+    twin = bfl_flux.bfl_twin(flux, diffusers_to_bfl)
+    loras = {
+        a: native_lora_from_state_dict(
+            bfl_flux.adapter_state_dict(flux, a, lora_target_modules(flux)), twin, a
+        )
+        for a in ADAPTERS
+    }
     return GenfocusModels(flux, vae, prompts), NativeModels(twin, loras, DiffusersVaeCodec(vae), prompts)
 
 
@@ -238,7 +244,7 @@ def test_native_backend_meets_the_official_level_a_tolerances(fx, case):
         fx / "inputs" / "prompt_embeds.safetensors",
         bokeh_lora=fx / "lora" / "bokehNet.safetensors",
     )
-    twin = bfl_flux.bfl_twin(models.transformer)
+    twin = bfl_flux.bfl_twin(models.transformer, diffusers_to_bfl)
     d = fx / "cases" / case
     meta = json.loads((d / "meta.json").read_text())["generate_calls"][0]
     stage = "bokeh" if case.startswith("bokeh") else "deblur"

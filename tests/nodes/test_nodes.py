@@ -24,6 +24,7 @@ EXPECTED_IDS = {
     "GenRefocus_Aperture",
     "GenRefocus_ClassicalBokeh",
     "GenRefocus_ModelLoader",
+    "GenRefocus_NativeModelLoader",
     "GenRefocus_TiledDenoise",
     "GenRefocus_DeblurNet",
     "GenRefocus_BokehNet",

@@ -43,3 +43,11 @@ def soft_empty_cache(force=False):
 
 def free_memory(memory_required, device, keep_loaded=()):
     return None
+
+
+LOADED: list = []
+
+
+def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
+                    force_full_load=False):
+    LOADED.append((list(models), memory_required))

@@ -82,6 +82,16 @@ class Conditioning:
     pass
 
 
+@_comfytype("MODEL")
+class Model:
+    pass
+
+
+@_comfytype("VAE")
+class Vae:
+    pass
+
+
 @_comfytype("BOOLEAN")
 class Boolean:
     class Input(WidgetInput):

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from .conftest import COMFY_KIND, PACK_NAME
+from .native_models import real_model_patcher
 
 FIXTURE = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "genfocus-parity"
 NATIVE, DEBLUR, BOKEH, REFOCUS = (
@@ -83,24 +84,6 @@ class _StubVae:
         return ((out + 1) / 2).clamp(0, 1).movedim(1, -1).float()
 
 
-def _real_model_patcher(bfl_sd):
-    """A ComfyUI MODEL of the tiny FLUX, built the way comfy.sd.load_diffusion_model_state_dict does
-    (detection fixes FLUX.1-dev's width, so the tiny sizes are set on the detected config)."""
-    import comfy.model_detection
-    import comfy.model_management as mm
-    import comfy.model_patcher
-
-    unet_config = comfy.model_detection.detect_unet_config(bfl_sd, "")
-    unet_config.update(hidden_size=32, num_heads=2, context_in_dim=32, axes_dim=[4, 6, 6])
-    model_config = comfy.model_detection.model_config_from_unet_config(unet_config, bfl_sd)
-    model_config.set_inference_dtype(torch.float32, None)
-    model = model_config.get_model(bfl_sd, "")
-    model.load_model_weights(bfl_sd, "")
-    return comfy.model_patcher.ModelPatcher(
-        model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
-    )
-
-
 @pytest.fixture(scope="module")
 def env(comfy_pack, tmp_path_factory):
     """(MODEL, VAE, reference GenfocusModels with the same weights, models root registered)."""
@@ -139,7 +122,7 @@ def env(comfy_pack, tmp_path_factory):
         import comfy.sd
         import comfy.utils
 
-        model = _real_model_patcher(bfl_sd)
+        model = real_model_patcher(bfl_sd)
         vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(vae_path)))
     else:
         twin = bfl_flux.BflFlux(ref.transformer.config)

@@ -3,16 +3,17 @@
 A memory mode says how the transformer's weights are stored and where they live:
 
 ========================  =====================================================  ==========================
-mode                      weights                                                FLUX.1-dev resident (GPU)
+mode                      weights                                                FLUX.1-dev on the GPU
 ========================  =====================================================  ==========================
 ``full``                  compute dtype (bf16 on CUDA), resident                 23.8 GB
-``fp8``                   float8 e4m3 storage, cast per layer to the compute     11.9 GB (+ one layer in
-                          dtype (diffusers' layerwise casting)                   bf16 while it runs)
-``nf4``                   bitsandbytes 4-bit NF4, double quantisation, resident  6.7 GB
-``offload``               compute dtype in pinned CPU RAM, one block at a time   ~1.3 GB (2 blocks + stem)
-                          streamed to the GPU (diffusers block-level group
+``fp8``                   float8 e4m3 storage, cast per layer to the compute     11.9 GB (+ 0.1 GB: one
+                          dtype (diffusers' layerwise casting)                   Linear in bf16 while it
+                                                                                 runs)
+``nf4``                   bitsandbytes 4-bit NF4, double quantisation, resident  6.2 GB
+``offload``               compute dtype in pinned CPU RAM, one block at a time   1.5 GB (stem + running and
+                          streamed to the GPU (diffusers block-level group       prefetched block)
                           offloading, CUDA stream prefetch)
-``fp8_offload``           fp8 in pinned CPU RAM, streamed as ``offload``         ~0.6 GB
+``fp8_offload``           fp8 in pinned CPU RAM, streamed as ``offload``         0.8 GB
 ========================  =====================================================  ==========================
 
 GGUF files (Q8_0 12.7 GB, Q4_K 6.7 GB for FLUX.1-dev) keep their own quantisation and accept

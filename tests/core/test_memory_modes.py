@@ -314,3 +314,48 @@ def test_vae_tiling_bounded_deviation_and_restored_settings():
     assert should_tile_vae(1024, 1024) is False and should_tile_vae(2160, 3840) is True
     with pytest.raises(GenRefocusInputError, match="vae_tiling must be"):
         should_tile_vae(64, 64, "always")
+
+
+# ------------------------------------------------------------------------------------------------
+# bench/memory.py: its numbers agree with real storage
+# ------------------------------------------------------------------------------------------------
+
+
+def _bench():
+    import importlib.util as iu
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "memory.py"
+    spec = iu.spec_from_file_location("bench_memory", path)
+    mod = iu.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_bytes_equal_real_storage():
+    bench = _bench()
+    real = bench.flux_meta()  # FLUX.1-dev on meta, bf16
+    n = sum(p.numel() for p in real.parameters())
+    assert 11.90e9 < n < 11.91e9
+    stored_bf16 = sum(p.numel() * p.element_size() for p in real.parameters())
+    assert bench.resident_bytes(real, "full") == n * 2 == stored_bf16
+    tiny_meta = bench.flux_meta(TINY)
+    m = _model(BF16, adapters=())
+    apply_memory_mode(m, "fp8", compute_dtype=BF16, onload_device="cpu")
+    stored = sum(p.numel() * p.element_size() for p in m.parameters())
+    assert bench.resident_bytes(tiny_meta, "fp8") == stored  # the bench's fp8 rule is what fp8 mode stores
+    assert stored < 0.6 * bench.resident_bytes(tiny_meta, "full")
+    assert bench.resident_bytes(real, "offload") < 2 * max(
+        sum(p.numel() * 2 for p in b.parameters()) for b in real.transformer_blocks) + 0.2e9
+
+
+def test_bench_live_bytes_tracker_counts_and_releases():
+    bench = _bench()
+    w = torch.empty(1000, device="meta")
+    with bench.LiveBytes([w]) as lb:
+        a = w * 2  # 4000 B
+        b = a.view(10, 100).t()  # a view: no new storage
+        c = a + 1  # 8000 B live
+        del a, b
+        d = c * 3  # a's storage freed: still 8000 B live
+        del c, d
+    assert lb.peak == 8000 and lb.live == 0

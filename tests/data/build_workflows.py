@@ -19,6 +19,8 @@ CORE = {
     "SaveImage": ([("images", "IMAGE")], [], ["filename_prefix"]),
     "PreviewImage": ([("images", "IMAGE")], [], []),
     "Note": ([], [], ["text"]),
+    "UNETLoader": ([], [("MODEL", "MODEL")], ["unet_name", "weight_dtype"]),
+    "VAELoader": ([], [("VAE", "VAE")], ["vae_name"]),
 }
 WIDGET_TYPES = {"INT", "FLOAT", "BOOLEAN", "STRING", "COMBO"}
 
@@ -233,6 +235,74 @@ def build_deblur() -> None:
     )
 
 
+NATIVE_NOTE = """GenRefocus - Genfocus refocus on your ComfyUI FLUX (native backend)
+
+The same pipeline as the 'refocus' workflow, on the FLUX.1-dev MODEL and VAE loaded by ComfyUI's
+own loaders: no second (diffusers) copy of FLUX, ComfyUI's memory management (lowvram partial
+loading, fp8 / GGUF models from their loader nodes work too).
+Inputs:
+1. Load Image: any photo, blurry or sharp.
+2. Load Diffusion Model + Load VAE: FLUX.1-dev and its VAE, as for text-to-image. A checkpoint or
+   GGUF loader works as well (wire its MODEL and VAE).
+3. Genfocus LoRAs on ComfyUI Model: the Genfocus LoRAs act on the condition tokens only (they are
+   never merged into the MODEL). prompts: the cached 512-token prompt embeddings (official, no
+   T5/CLIP needed); or choose none and wire CLIP Text Encode (DualCLIPLoader, type flux) of the two
+   fixed prompts into deblur_conditioning / bokeh_conditioning of Refocus (ComfyUI pads T5 to 256
+   tokens, the official pipeline to 512: slightly different images).
+4. Focus Point, Load Depth Model, Refocus (Genfocus): as in the 'refocus' workflow. Conditions are
+   VAE-encoded to the posterior mean (the official code samples it): see README "Which backend?".
+Model files (local only; nothing is downloaded):
+- models/diffusion_models/flux1-dev.safetensors: FLUX.1-dev (bf16, or an fp8 single file).
+- models/vae/ae.safetensors: the FLUX.1 VAE.
+- models/loras/genfocus/deblurNet.safetensors and models/loras/genfocus/bokehNet.safetensors:
+  the Genfocus LoRAs from huggingface.co/nycu-cplab/Genfocus-Model (models/genrefocus/ works too).
+- models/genrefocus/genfocus_prompts.safetensors: cached embeddings of the two fixed prompts.
+- models/depth/DepthPro/: Depth Pro in transformers format (apple/DepthPro-hf)."""
+
+
+def build_refocus_native() -> None:
+    build(
+        "refocus_native",
+        [
+            {"id": 1, "type": "LoadImage", "title": "Load Image (photo)", "pos": [40, 60], "size": [300, 320],
+             "widgets": {"image": "demo_input.png", "upload": "image"}},
+            {"id": 2, "type": "UNETLoader", "title": "Load Diffusion Model", "pos": [40, 420],
+             "size": [320, 100],
+             "widgets": {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}},
+            {"id": 3, "type": "VAELoader", "title": "Load VAE", "pos": [40, 560], "size": [320, 80],
+             "widgets": {"vae_name": "ae.safetensors"}},
+            {"id": 4, "type": "GenRefocus_NativeModelLoader", "pos": [400, 420], "size": [340, 200],
+             "widgets": {k: _LOADER_WIDGETS[k] for k in ("deblur_lora", "bokeh_lora", "pre_deblur_lora",
+                                                         "prompts")}},
+            {"id": 5, "type": "GenRefocus_DepthModelLoader", "pos": [40, 680], "size": [340, 100],
+             "widgets": {"model_name": "DepthPro", "dtype": "auto"}},
+            {"id": 6, "type": "GenRefocus_FocusPoint", "pos": [400, 680], "size": [300, 100],
+             "widgets": {"x": 0.5, "y": 0.62}},
+            {"id": 7, "type": "GenRefocus_Refocus", "pos": [780, 300], "size": [320, 340],
+             "widgets": {"k": 20.0, **_SAMPLER_WIDGETS}},
+            {"id": 8, "type": "SaveImage", "pos": [1140, 60], "size": [420, 360],
+             "widgets": {"filename_prefix": "genrefocus/refocus_native"}},
+            {"id": 9, "type": "PreviewImage", "title": "All in focus", "pos": [1140, 460], "size": [300, 260],
+             "widgets": {}},
+            {"id": 10, "type": "PreviewImage", "title": "Conditioning map", "pos": [1460, 460],
+             "size": [300, 260], "widgets": {}},
+            {"id": 11, "type": "Note", "title": "Read me", "pos": [400, 0], "size": [700, 400],
+             "widgets": {"text": NATIVE_NOTE}},
+        ],
+        [
+            (2, 0, 4, "model"),
+            (3, 0, 4, "vae"),
+            (4, 0, 7, "pipe"),
+            (1, 0, 7, "image"),
+            (5, 0, 7, "depth_model"),
+            (6, 0, 7, "focus"),
+            (7, 0, 8, "images"),
+            (7, 1, 9, "images"),
+            (7, 2, 10, "images"),
+        ],
+    )
+
+
 def main() -> None:
     build(
         "classical_refocus",
@@ -332,6 +402,7 @@ def main() -> None:
 
     build_refocus()
     build_deblur()
+    build_refocus_native()
 
 
 if __name__ == "__main__":

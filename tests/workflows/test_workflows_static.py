@@ -22,6 +22,8 @@ CORE_NODES = {
     "LoadImageMask",
     "ImageToMask",
     "MaskToImage",
+    "UNETLoader",
+    "VAELoader",
 }
 WIDGET_TYPES = {"INT", "FLOAT", "BOOLEAN", "STRING", "COMBO"}
 

@@ -16,7 +16,11 @@ Usage::
    condition. Everything else is the same arithmetic, so adding that back must give the exact
    integers of performance.md §6. The LoRA cost is analytic: our routing applies it to condition
    tokens only.
-2. Wall time per denoise step on a tiny random FLUX (2 + 2 blocks, width 256, 512 text tokens) on
+2. Fast modes: the same per image for 12 steps (the fast mode's step count), the condition K/V
+   cache (first step exact, later steps replay the conditions' K/V: text + image streams only;
+   counted by running the recording and the replaying forward on meta) and both together
+   (``FAST_OPTIONS``), against parity (28 steps, official tiling, exact).
+3. Wall time per denoise step on a tiny random FLUX (2 + 2 blocks, width 256, 512 text tokens) on
    the CPU, a 1024² image in 9 tiles, tiles run one by one or batched (``tile_batch``): a
    regression signal for the tile batching, not a GPU prediction.
 """
@@ -35,6 +39,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from genrefocus_core.condition_cache import ConditionCache  # noqa: E402
 from genrefocus_core.conditions import ConditionTokens, latent_image_ids  # noqa: E402
 from genrefocus_core.flux_lora import flux_forward, lora_target_modules  # noqa: E402
 from genrefocus_core.loading import FLUX_DEV_CONFIG  # noqa: E402
@@ -72,8 +77,11 @@ def meta_flux():
         return FluxTransformer2DModel.from_config(cfg).to(torch.bfloat16)
 
 
-def forward_flops(model, h: int, w: int, n_cond: int) -> int:
-    """FLOPs of one multi-stream forward on an ``h x w`` token grid with ``n_cond`` conditions."""
+def forward_flops(model, h: int, w: int, n_cond: int, cache: ConditionCache | None = None) -> int:
+    """FLOPs of one multi-stream forward on an ``h x w`` token grid with ``n_cond`` conditions.
+
+    With ``cache``: an empty one records (the exact forward), a filled one replays the conditions.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     dev, dt = torch.device("meta"), torch.bfloat16
@@ -84,8 +92,57 @@ def forward_flops(model, h: int, w: int, n_cond: int) -> int:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         flux_forward(model, latents, ids, torch.ones(1, device=dev),
                      prompt_embeds=torch.empty(1, TEXT_TOKENS, 4096, device=dev, dtype=dt),
-                     pooled=torch.empty(1, 768, device=dev, dtype=dt), guidance=3.5, conditions=conds)
+                     pooled=torch.empty(1, 768, device=dev, dtype=dt), guidance=3.5, conditions=conds,
+                     condition_cache=cache)
     return int(counter.get_total_flops())
+
+
+FAST_STEPS = 12
+
+
+def fast_table() -> dict:
+    """Per-image PFLOP of parity and the fast modes at the official layout (tiled from 512 px)."""
+    model = meta_flux()
+    rows = []
+    out(f"## Per image, deblur + bokeh (PFLOP): parity vs fast modes ({FAST_STEPS} steps, condition "
+        "K/V cache)")
+    out()
+    out(f"| image | layout | parity (28 steps) | {FAST_STEPS} steps | 28 steps + cache | "
+        f"{FAST_STEPS} steps + cache (FAST_OPTIONS) | ratio to parity |")
+    out("|---|---|---|---|---|---|---|")
+    per_tile: dict[int, tuple[int, int]] = {}
+    for (w, h) in SIZES:
+        th, tw = h // 16, w // 16
+        tiled = should_tile(h, w)
+        lay = TileLayout(th, tw, tile=32)
+        n_fw = len(lay) if tiled else 1
+        totals = [0, 0, 0, 0]
+        for _stage, n_cond in STAGES:
+            if tiled:
+                if n_cond not in per_tile:
+                    cache = ConditionCache()
+                    per_tile[n_cond] = (forward_flops(model, 32, 32, n_cond, cache),
+                                        forward_flops(model, 32, 32, n_cond, cache))
+                exact, replay = per_tile[n_cond]
+            else:
+                cache = ConditionCache()
+                exact = forward_flops(model, th, tw, n_cond, cache)
+                replay = forward_flops(model, th, tw, n_cond, cache)
+            exact, replay = exact * n_fw, replay * n_fw
+            totals[0] += STEPS * exact
+            totals[1] += FAST_STEPS * exact
+            totals[2] += exact + (STEPS - 1) * replay
+            totals[3] += exact + (FAST_STEPS - 1) * replay
+        layout = f"{len(lay)} tiles" if tiled else "untiled"
+        pf = " | ".join(f"{t / 1e15:.1f}" for t in totals)
+        ratios = " / ".join(f"{t / totals[0]:.2f}" for t in totals[1:])
+        out(f"| {w}x{h} | {layout} | {pf} | {ratios} |")
+        rows.append({"width": w, "height": h, "layout": layout, "parity": totals[0], "fewer_steps": totals[1],
+                     "cache": totals[2], "fast": totals[3]})
+    out()
+    out("performance.md: 1024² tiled 23.1 -> 12.1 (cache) -> 5.4 PF (12 steps + cache); 3840x2160 115.3 -> "
+        "60.4 -> 27.0 PF. Target (issue 5): a fast mode <= 0.5x parity at 1 MP and 4K.")
+    return {"fast_modes": rows}
 
 
 def lora_flops_per_token(model, rank: int) -> int:
@@ -219,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {}
     if not a.skip_flops:
         results |= flops_table()
+        out()
+        results |= fast_table()
         out()
     if not a.skip_timing:
         results |= timing_table()

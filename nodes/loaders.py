@@ -20,8 +20,10 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
+from ..genrefocus_core.condition_cache import CONDITION_CACHE_MODES
 from ..genrefocus_core.depth_models import DEPTH_MODEL_FOLDER_HINT, load_depth_model
 from ..genrefocus_core.errors import GenRefocusInputError, GenRefocusModelError
+from ..genrefocus_core.memory import MEMORY_MODES, MemoryMode
 from ..genrefocus_core.models import load_genfocus_models
 from ._glue import check_combo
 from .sockets import DepthModel, Pipe
@@ -252,11 +254,123 @@ def _genfocus_dtype(dtype: str) -> torch.dtype:
     return torch.bfloat16 if mm.get_torch_device().type == "cuda" else torch.float32
 
 
-def _file_bytes(path: str) -> int:
-    if os.path.isfile(path):
-        return os.path.getsize(path)
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs
-               if f.endswith(".safetensors"))
+#: Loader choices: ``auto`` picks a memory mode from the GPU's size (:func:`auto_memory_mode`).
+LOADER_MEMORY_MODES = ("auto", *MEMORY_MODES)
+_MEMORY_TOOLTIP = (
+    "How FLUX.1-dev's 11.9 B weights are kept (GPU memory for BokehNet at 1 MP, from bench/memory.py: "
+    "resident weights / peak). full: bf16 resident, 23.8 / ~26 GB (official, exact). fp8: fp8 e4m3 storage, "
+    "bf16 compute, 11.9 / ~14.5 GB (24 and 16 GB cards). nf4: 4-bit, needs bitsandbytes, 6.2 / ~8.5 GB "
+    "(12 GB cards). offload: bf16 weights in CPU RAM (24 GB RAM), blocks streamed to the GPU, 1.5 / ~4 GB, "
+    "slower on small images. fp8_offload: fp8 in CPU RAM (12 GB RAM), streamed, 0.8 / ~3.3 GB. A .gguf "
+    "transformer keeps its quantisation (Q8_0 12.7 GB, Q4_K 6.7 GB) with full or offload. auto: full with "
+    ">= 30 GB of VRAM, fp8 with >= 18 GB, else fp8_offload; full on the CPU."
+)
+_CACHE_TOOLTIP = (
+    "Fast mode (off = exact, as the official pipeline): the conditions' keys/values are computed at the "
+    "first step of every tile and replayed at later steps, an approximation (measured 2.4 % of the latents "
+    "on the test model). Per image: 0.52x the FLOPs at 28 steps, 0.23x with 12 steps (pair with 8-12 steps "
+    "on the sampler nodes; 12 steps alone: 0.43x). on: cache on the GPU (1.4 GB per 512 px tile for "
+    "BokehNet: 13 GB at 1 MP); cpu: in host memory, streamed back per layer (for <= 24 GB cards)."
+)
+
+
+def auto_memory_mode(device: torch.device) -> str:
+    """The loader's ``auto``: full on the CPU or >= 30 GB, fp8 from 18 GB, else streamed fp8."""
+    if device.type != "cuda":
+        return "full"
+    import comfy.model_management as mm
+
+    total = mm.get_total_memory(device)
+    return "full" if total >= 30e9 else "fp8" if total >= 18e9 else "fp8_offload"
+
+
+def _bytes_on(pipe, device: torch.device) -> int:
+    """Bytes of the pipe's weights (transformer with LoRAs, VAE) currently on ``device``."""
+    mods = (pipe.models.transformer, pipe.models.vae)
+    return sum(t.numel() * t.element_size() for m in mods for t in (*m.parameters(), *m.buffers())
+               if t.device == device)
+
+
+class _Weights:
+    """``LoadedModel.model`` stand-in: ComfyUI reads ``.model`` (for ``is_clone`` and its log line)."""
+
+    __slots__ = ("model",)
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+
+class _HeldByGenRefocus:
+    """What ComfyUI's model manager sees of a Genfocus pipe: a ``LoadedModel`` look-alike.
+
+    The diffusers weights (branch-selective LoRA, memory modes) live outside ComfyUI's
+    ``ModelPatcher``; this entry in ``comfy.model_management.current_loaded_models`` tells ComfyUI
+    how much of the compute device they hold at any moment, and lets ``free_memory`` /
+    ``unload_all_models`` (the "Free model and node cache" button) move them to the offload device.
+    It stays registered while the pipe lives (runs may bring the weights back) and removes itself
+    when the pipe is garbage-collected.
+    """
+
+    def __init__(self, pipe, device: torch.device, offload: torch.device, registry: list) -> None:
+        import weakref
+
+        me = weakref.ref(self)
+
+        def drop(_ref) -> None:
+            held = me()
+            if held is not None and any(x is held for x in registry):
+                registry[:] = [x for x in registry if x is not held]
+
+        self._pipe = weakref.ref(pipe, drop)
+        self.device, self.offload = device, offload
+        self.currently_used = False  # never handed back by loaded_models(only_currently_used=True)
+        self.unloads = 0
+
+    @property
+    def model(self) -> _Weights | None:
+        pipe = self._pipe()
+        return None if pipe is None else _Weights(pipe.models.transformer)
+
+    def real_model(self):
+        pipe = self._pipe()
+        return None if pipe is None else pipe.models.transformer
+
+    def is_dead(self) -> bool:
+        return False
+
+    def model_memory(self) -> int:
+        pipe = self._pipe()
+        return 0 if pipe is None else pipe.memory_bytes()
+
+    def model_loaded_memory(self) -> int:
+        pipe = self._pipe()
+        return 0 if pipe is None else _bytes_on(pipe, self.device)
+
+    def model_offloaded_memory(self) -> int:
+        return self.model_memory() - self.model_loaded_memory()
+
+    def model_memory_required(self, device: torch.device) -> int:
+        return self.model_offloaded_memory()
+
+    def model_unload(self, memory_to_free=None, unpatch_weights=True) -> bool:
+        """Move the weights to the offload device; stay registered (False) for later runs."""
+        pipe = self._pipe()
+        if pipe is not None and self.model_loaded_memory() > 0:
+            pipe.to(self.offload)
+            self.unloads += 1
+        return False
+
+
+def hold_with_comfy(pipe, device: torch.device, offload: torch.device) -> _HeldByGenRefocus | None:
+    """Register ``pipe`` with ComfyUI's model manager (see :class:`_HeldByGenRefocus`); None without one."""
+    import comfy.model_management as mm
+
+    registry = getattr(mm, "current_loaded_models", None)
+    if registry is None:
+        return None
+    held = _HeldByGenRefocus(pipe, device, offload, registry)
+    registry.append(held)
+    return held
 
 
 class GenfocusModelLoader(io.ComfyNode):
@@ -293,32 +407,46 @@ class GenfocusModelLoader(io.ComfyNode):
                 io.Boolean.Input("keep_loaded", default=False,
                                  tooltip="Keep the weights on the GPU between runs (faster refocus "
                                  "edits). Off: they go back to the CPU after each node, freeing VRAM."),
+                io.Combo.Input("memory_mode", options=list(LOADER_MEMORY_MODES), default="auto",
+                               tooltip=_MEMORY_TOOLTIP),
+                io.Combo.Input("condition_cache", options=list(CONDITION_CACHE_MODES), default="off",
+                               tooltip=_CACHE_TOOLTIP),
             ],
             outputs=[Pipe.Output(display_name="pipe")],
         )
 
     @classmethod
     def execute(cls, transformer: str, vae: str, deblur_lora: str, bokeh_lora: str, pre_deblur_lora: str,
-                prompts: str, dtype: str, keep_loaded: bool) -> io.NodeOutput:
+                prompts: str, dtype: str, keep_loaded: bool, memory_mode: str = "auto",
+                condition_cache: str = "off") -> io.NodeOutput:
         import comfy.model_management as mm
 
         from .generative import GenerativePipe
 
         check_combo(PIPE_LOADER, "dtype", dtype, GEN_DTYPES)
+        check_combo(PIPE_LOADER, "memory_mode", memory_mode, LOADER_MEMORY_MODES)
+        check_combo(PIPE_LOADER, "condition_cache", condition_cache, CONDITION_CACHE_MODES)
         names = dict(transformer=transformer, vae=vae, deblur_lora=deblur_lora, bokeh_lora=bokeh_lora,
                      pre_deblur_lora=pre_deblur_lora, prompts=prompts)
         paths = {param: _genfocus_path(param, name) for param, name in names.items()}
         torch_dtype = _genfocus_dtype(dtype)
-        device = mm.get_torch_device() if keep_loaded else mm.unet_offload_device()
-        if device != mm.unet_offload_device():  # make room first: ComfyUI's resident models go
-            size = sum(_file_bytes(p) for p in paths.values() if p is not None)
-            mm.free_memory(int(size * max(1.0, torch_dtype.itemsize / 2)), device)
-        try:
+        compute, offload = mm.get_torch_device(), mm.unet_offload_device()
+        mode = MemoryMode(auto_memory_mode(compute) if memory_mode == "auto" else memory_mode)
+        if mode.streamed and compute != offload:  # the stem and two blocks only: make that room
+            mm.free_memory(int(2e9), compute)
+        try:  # built on the offload device; streamed modes onload block by block to the compute device
             models = load_genfocus_models(
                 paths["transformer"], paths["vae"], paths["prompts"], deblur_lora=paths["deblur_lora"],
                 bokeh_lora=paths["bokeh_lora"], pre_deblur_lora=paths["pre_deblur_lora"], dtype=torch_dtype,
-                device=device,
+                device=compute if mode.streamed else offload, memory_mode=mode.value, offload_device=offload,
+                condition_cache=condition_cache,
             )
         except (GenRefocusModelError, GenRefocusInputError) as e:
             raise type(e)(f"[{PIPE_LOADER}] {e}") from e
-        return io.NodeOutput(GenerativePipe(models, keep_loaded=keep_loaded, files=names))
+        pipe = GenerativePipe(models, keep_loaded=keep_loaded, files=names)
+        if keep_loaded and compute != offload:  # make room (ComfyUI's resident models go), then move
+            mm.free_memory(_bytes_on(pipe, offload), compute)
+            pipe.to(compute)
+            mm.soft_empty_cache()
+        hold_with_comfy(pipe, compute, offload)
+        return io.NodeOutput(pipe)

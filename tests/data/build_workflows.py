@@ -170,6 +170,8 @@ _LOADER_WIDGETS = {
     "prompts": "genfocus_prompts.safetensors",
     "dtype": "auto",
     "keep_loaded": False,
+    "memory_mode": "auto",
+    "condition_cache": "off",
 }
 _SAMPLER_WIDGETS = {"steps": 28, "seed": 0, "noise": "reference", "long_side": 0, "restore_size": True}
 

@@ -41,8 +41,19 @@ def soft_empty_cache(force=False):
     return None
 
 
+current_loaded_models: list = []
+
+
 def free_memory(memory_required, device, keep_loaded=()):
-    return None
+    """Like ComfyUI's: ask every registered model on ``device`` to unload; drop those that did."""
+    done = [m for m in list(current_loaded_models)
+            if m.device == device and m not in keep_loaded and m.model_unload(memory_required)]
+    current_loaded_models[:] = [m for m in current_loaded_models if not any(m is d for d in done)]
+    return done
+
+
+def unload_all_models():
+    free_memory(1e30, get_torch_device())
 
 
 LOADED: list = []

@@ -96,6 +96,11 @@ def check_flux_module(flux: Any) -> None:
 
     Raises:
         GenRefocusModelError: naming the missing parts (e.g. Chroma has no ``vector_in``).
+
+    Example:
+        >>> check_flux_module(torch.nn.Linear(2, 2))  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        GenRefocusModelError: the model must be a FLUX.1 transformer ...
     """
     missing = [name for name in _REQUIRED if not hasattr(flux, name)]
     if not missing and not hasattr(flux.final_layer, "adaLN_modulation"):
@@ -125,6 +130,11 @@ def flux_dims(flux: Any) -> SimpleNamespace:
 
     Raises:
         GenRefocusModelError: not a FLUX.1 module tree.
+
+    Example:
+        >>> d = flux_dims(comfy_model.model.diffusion_model)  # doctest: +SKIP
+        >>> d.hidden, d.heads, d.joint_attention_dim, d.pooled_projection_dim  # doctest: +SKIP
+        (3072, 24, 4096, 768)
     """
     check_flux_module(flux)
     hidden = _features(flux.img_in, "out_features")
@@ -277,6 +287,13 @@ def native_lora_from_state_dict(
     Raises:
         GenRefocusModelError: unexpected or missing keys (a few listed) or shapes that do not fit.
         GenRefocusInputError: a bad adapter name.
+
+    Example:
+        >>> from safetensors.torch import load_file
+        >>> sd = load_file("models/loras/genfocus/deblurNet.safetensors")  # doctest: +SKIP
+        >>> lora = native_lora_from_state_dict(sd, flux, "deblurring")  # doctest: +SKIP
+        >>> len(lora.modules)  # img_in, 4 per double and 3 per single block  # doctest: +SKIP
+        191
     """
     if not isinstance(adapter, str) or not adapter.isidentifier():
         raise GenRefocusInputError(f"adapter must be a name like 'bokeh', got {adapter!r}")

@@ -216,6 +216,12 @@ def native_generate_from_tokens(
     Raises:
         GenRefocusInputError: inconsistent sizes.
         GenRefocusModelError: a missing prompt or adapter.
+
+    Example:
+        >>> out = native_generate_from_tokens(models, noise_tokens, conds, 512, 768, prompt="deblur",
+        ...                                   guidance=3.5)  # doctest: +SKIP
+        >>> out.latents.shape  # doctest: +SKIP
+        torch.Size([1, 1536, 64])
     """
     _require(models, prompt=prompt)
     if height % 16 or width % 16 or height < 16 or width < 16:
@@ -339,6 +345,13 @@ def native_generate(
 
     Raises:
         GenRefocusInputError: no or mis-sized conditions, a bad noise shape.
+        GenRefocusModelError: a missing adapter or prompt, or a codec that cannot sample.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(42)
+        >>> conds = [ConditionInput(photo, "deblurring")]  # doctest: +SKIP
+        >>> out = native_generate(models, conds, prompt="deblur", guidance=3.5, noise_generator=g,
+        ...                       condition_generator=g)  # doctest: +SKIP
     """
     _require(models, prompt=prompt)
     if not conditions:
@@ -412,6 +425,12 @@ def native_deblur(
 
     Returns:
         A :class:`~genrefocus_core.genpipe.GenerationResult`.
+
+    Raises:
+        GenRefocusModelError: the adapter or the ``"deblur"`` prompt is missing.
+
+    Example:
+        >>> aif = native_deblur(models, photo_512x768).image  # doctest: +SKIP
     """
     variant = pre_deblur_variant or pre_deblurred is not None
     device = torch.device(models.device)
@@ -464,6 +483,12 @@ def native_bokeh(
 
     Returns:
         A :class:`~genrefocus_core.genpipe.GenerationResult`.
+
+    Raises:
+        GenRefocusModelError: the adapter or the ``"bokeh"`` prompt is missing.
+
+    Example:
+        >>> out = native_bokeh(models, aif, d_def).image  # doctest: +SKIP
     """
     device = torch.device(models.device)
 
@@ -648,6 +673,11 @@ def native_deblur_image(
     Raises:
         GenRefocusInputError: bad inputs (see :func:`~genrefocus_core.pipeline.check_inputs`).
         GenRefocusModelError: the needed LoRA or prompt is missing.
+
+    Example:
+        >>> out = native_deblur_image(photo, models=models, restore_size=True)  # doctest: +SKIP
+        >>> out.image.shape == photo.shape  # doctest: +SKIP
+        True
     """
     info = check_inputs(
         image,
@@ -694,6 +724,9 @@ def native_bokeh_image(
     Raises:
         GenRefocusInputError: bad inputs (see :func:`~genrefocus_core.pipeline.check_inputs`).
         GenRefocusModelError: the BokehNet LoRA or prompt is missing.
+
+    Example:
+        >>> out = native_bokeh_image(aif, models=models, defocus=coc_map)  # doctest: +SKIP
     """
     info = check_inputs(
         aif,
@@ -753,6 +786,10 @@ def native_refocus(
     Raises:
         GenRefocusInputError: bad inputs (see :func:`~genrefocus_core.pipeline.check_inputs`).
         GenRefocusModelError: a needed LoRA or prompt is missing.
+
+    Example:
+        >>> out = native_refocus(photo, models=models, depth=depth, k=20.0,
+        ...                      focus=FocusTarget("point", x=0.3, y=0.6))  # doctest: +SKIP
     """
     info = check_inputs(
         image,

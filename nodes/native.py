@@ -108,8 +108,12 @@ class NativePipe:
         return adapter in self.loras
 
     def compute_dtype(self) -> torch.dtype:
+        """The dtype ComfyUI computes this MODEL in (manual cast, else its weight dtype)."""
         base = self.model.model
-        return getattr(base, "manual_cast_dtype", None) or base.get_dtype()
+        dtype = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
+        if not dtype.is_floating_point or dtype.itemsize < 2:  # fp8 / quantised storage without a cast dtype
+            return torch.bfloat16 if torch.device(self.model.load_device).type == "cuda" else torch.float32
+        return dtype
 
     @contextlib.contextmanager
     def loaded(self, prompts: Mapping[str, PromptEmbedding] | None = None) -> Iterator[NativeModels]:

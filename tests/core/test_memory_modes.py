@@ -392,3 +392,42 @@ def test_offload_on_cuda_streams_blocks_and_matches_resident():
     for i, devices in seen:
         assert devices[i] == "cuda" and devices.count("cuda") <= 2, (i, devices)
     assert all(p.device.type == "cpu" for b in blocks for p in b.parameters())
+
+
+def test_depth_model_visits_the_compute_device_only_to_estimate(fx, tmp_path):
+    """With offload_device set, refocus parks the depth model before DeblurNet and brings it over only
+    around the estimate (CPU here, so the moves are recorded rather than seen)."""
+    transformers = pytest.importorskip("transformers")
+    from genrefocus_core.depth_models import DepthModel, load_depth_model
+    from genrefocus_core.pipeline import refocus
+
+    backbone = dict(model_type="dinov2", image_size=28, patch_size=14, hidden_size=16, num_hidden_layers=4,
+                    num_attention_heads=2, intermediate_size=32, out_indices=[1, 2, 3, 4],
+                    reshape_hidden_states=False)
+    cfg = transformers.DepthAnythingConfig(backbone_config=backbone, patch_size=14, reassemble_hidden_size=16,
+                                           neck_hidden_sizes=[8, 8, 16, 16], fusion_hidden_size=16,
+                                           head_hidden_size=8)
+    torch.manual_seed(1)
+    transformers.DepthAnythingForDepthEstimation(cfg).eval().save_pretrained(tmp_path / "da2")
+    (tmp_path / "da2" / "preprocessor_config.json").write_text(
+        '{"do_resize": true, "size": {"height": 28, "width": 28}, "keep_aspect_ratio": true, '
+        '"ensure_multiple_of": 14, "resample": 3, "do_normalize": true, "image_mean": [0.5, 0.5, 0.5], '
+        '"image_std": [0.5, 0.5, 0.5], "do_pad": false, "image_processor_type": "DPTImageProcessor"}')
+    events: list[str] = []
+
+    class Recorded(DepthModel):
+        def to(self, device):
+            events.append(f"to {torch.device(device).type}")
+            return super().to(device)
+
+        def estimate(self, image, *args, **kwargs):
+            events.append("estimate")
+            return super().estimate(image, *args, **kwargs)
+
+    depth_model = load_depth_model(tmp_path / "da2")
+    depth_model.__class__ = Recorded
+    models = _fixture_models(fx, "full")
+    photo = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(0))
+    out = refocus(photo, models=models, depth_model=depth_model, k=20.0, options=GenerationOptions(steps=1))
+    assert out.image.shape == photo.shape
+    assert events == ["to cpu", "to cpu", "estimate", "to cpu"]  # parked, brought over, used, parked

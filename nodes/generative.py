@@ -34,6 +34,7 @@ from ..genrefocus_core.defocus import FocusTarget
 from ..genrefocus_core.depth_models import DepthModel as CoreDepthModel
 from ..genrefocus_core.errors import GenRefocusInputError, GenRefocusModelError
 from ..genrefocus_core.genpipe import GenerationOptions, GenfocusModels
+from ..genrefocus_core.memory import execution_device_dtype, is_group_offloaded
 from ..genrefocus_core.native_pipeline import native_bokeh_image, native_deblur_image, native_refocus
 from ..genrefocus_core.pipeline import MAX_STEPS, bokeh_image, deblur_image, refocus
 from ..genrefocus_core.prompts import PROMPTS, PromptEmbedding
@@ -67,18 +68,41 @@ class GenerativePipe:
     models: GenfocusModels
     keep_loaded: bool = False
     files: dict[str, str] = field(default_factory=dict)
+    #: the loader's entry in ComfyUI's model manager (kept out of a run's own ``free_memory``)
+    held: object | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the transformer's blocks stream from the offload device (memory modes ``*offload``)."""
+        return is_group_offloaded(self.models.transformer)
 
     @property
     def device(self) -> torch.device:
-        return next(self.models.transformer.parameters()).device
+        """The device the transformer computes on (for streamed weights: where blocks are brought)."""
+        return execution_device_dtype(self.models.transformer)[0]
 
     def memory_bytes(self) -> int:
         """Bytes of the transformer (with LoRAs) and the VAE."""
         mods = (self.models.transformer, self.models.vae)
         return sum(t.numel() * t.element_size() for m in mods for t in chain(m.parameters(), m.buffers()))
 
+    def bytes_to_bring(self, device: torch.device) -> int:
+        """Bytes a run brings onto ``device``: weights not there yet; streamed blocks two at a time."""
+
+        def size(tensors) -> int:
+            return sum(t.numel() * t.element_size() for t in tensors if t.device != device)
+
+        vae = size(chain(self.models.vae.parameters(), self.models.vae.buffers()))
+        tr = self.models.transformer
+        if not self.streamed:
+            return vae + size(chain(tr.parameters(), tr.buffers()))
+        blocks = [*tr.transformer_blocks, *tr.single_transformer_blocks]
+        largest = max((sum(t.numel() * t.element_size() for t in b.parameters()) for b in blocks), default=0)
+        return vae + 2 * largest
+
     def to(self, device: torch.device) -> GenerativePipe:
-        self.models.transformer.to(device)
+        if not self.streamed:  # streamed blocks are placed by their offload hooks
+            self.models.transformer.to(device)
         self.models.vae.to(device)
         return self
 
@@ -101,12 +125,13 @@ def _on_compute_device(pipe: GenerativePipe | None,
 
     device = mm.get_torch_device()
     need = _WORKSPACE_BYTES if pipe is not None else 0
-    if pipe is not None and pipe.device != device:
-        need += pipe.memory_bytes()
+    if pipe is not None:
+        need += pipe.bytes_to_bring(device)
     if depth_model is not None:
         need += depth_model.memory_bytes(device)
-    if need:
-        mm.free_memory(need, device)
+    if need:  # our own registered entry is not asked to leave just before the run uses it
+        keep = [pipe.held] if pipe is not None and pipe.held is not None else []
+        mm.free_memory(need, device, keep_loaded=keep)
     if pipe is not None:
         pipe.to(device)
     if depth_model is not None:

@@ -448,5 +448,5 @@ class GenfocusModelLoader(io.ComfyNode):
             mm.free_memory(_bytes_on(pipe, offload), compute)
             pipe.to(compute)
             mm.soft_empty_cache()
-        hold_with_comfy(pipe, compute, offload)
+        pipe.held = hold_with_comfy(pipe, compute, offload)
         return io.NodeOutput(pipe)

@@ -73,3 +73,28 @@ def test_memory_combo_errors_name_the_node(nodes, registered, errors):  # noqa: 
     with pytest.raises(errors.GenRefocusInputError,
                        match=r"^\[Load Genfocus Models\] condition_cache must be one of"):
         _load(nodes, condition_cache="fast")
+
+
+def test_a_run_asks_room_only_for_what_it_brings_and_keeps_its_own_entry(nodes, registered, monkeypatch):  # noqa: F811
+    mm = importlib.import_module("comfy.model_management")
+    calls = []
+    real = mm.free_memory
+
+    def spy(memory_required, device, keep_loaded=()):
+        calls.append((memory_required, list(keep_loaded)))
+        return real(memory_required, device, keep_loaded=keep_loaded)
+
+    monkeypatch.setattr(mm, "free_memory", spy)
+    full, streamed = _load(nodes, memory_mode="full"), _load(nodes, memory_mode="offload")
+    assert full.held is _held(full)[0] and streamed.held is _held(streamed)[0]
+    cpu = torch.device("cpu")
+    assert streamed.streamed and not full.streamed
+    # resident weights already on the device bring nothing; streamed blocks two at a time, never all
+    assert full.bytes_to_bring(cpu) == 0
+    meta = torch.device("meta")
+    assert full.bytes_to_bring(meta) == full.memory_bytes()
+    assert 0 < streamed.bytes_to_bring(meta) < streamed.memory_bytes()
+    calls.clear()
+    nodes[DEBLUR].execute(pipe=streamed, image=_photo(seed=3), **SAMPLER)
+    assert calls and all(keep == [streamed.held] for _, keep in calls)
+    assert streamed.held.unloads == 0  # not evicted by its own run

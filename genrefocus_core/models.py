@@ -178,7 +178,7 @@ def load_genfocus_models(
         >>> sorted(models.transformer.peft_config)  # doctest: +SKIP
         ['bokeh', 'deblurring']
     """
-    from .flux_lora import load_lora
+    from .lora_loading import load_lora
     from .prompts import load_prompt_embeddings
 
     if deblur_lora is None and bokeh_lora is None and pre_deblur_lora is None:

@@ -28,7 +28,6 @@ from torch import Tensor
 
 from .conditions import ConditionTokens, load_vae
 from .errors import GenRefocusError, GenRefocusInputError
-from .flux_lora import load_lora, load_transformer
 from .genpipe import (
     BOKEH_GUIDANCE,
     DEBLUR_GUIDANCE,
@@ -39,6 +38,7 @@ from .genpipe import (
     generate_from_tokens,
     resize_for_generation,
 )
+from .lora_loading import load_lora, load_transformer
 from .prompts import load_prompt_embeddings
 from .sampler import FlowShift
 

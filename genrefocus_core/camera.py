@@ -23,7 +23,16 @@ from pathlib import Path
 from ._checks import check_number
 from .errors import GenRefocusInputError
 
-__all__ = ["FULL_FRAME_WIDTH_MM", "ExifLens", "bokeh_k", "f_number_for_k", "read_exif"]
+__all__ = [
+    "FULL_FRAME_WIDTH_MM",
+    "SENSOR_WIDTHS_MM",
+    "Camera",
+    "ExifLens",
+    "bokeh_k",
+    "camera_from_exif",
+    "f_number_for_k",
+    "read_exif",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -159,3 +168,92 @@ def read_exif(path: str | Path) -> ExifLens:
         width_px=int(size[0]),
         height_px=int(size[1]),
     )
+
+
+#: Sensor widths (mm) of common formats, for nodes and the CLI.
+SENSOR_WIDTHS_MM = {
+    "full frame (36 mm)": 36.0,
+    "APS-C (23.5 mm)": 23.5,
+    "APS-C Canon (22.3 mm)": 22.3,
+    "Micro Four Thirds (17.3 mm)": 17.3,
+    "1-inch (13.2 mm)": 13.2,
+    "phone 1/1.3-inch (9.8 mm)": 9.8,
+}
+
+
+@dataclass(frozen=True)
+class Camera:
+    """A lens setting to render with: what travels on the nodes' CAMERA socket.
+
+    Attributes:
+        focal_length_mm: real focal length, mm, ``> 0``.
+        f_number: aperture to render, ``> 0``; ``None`` when unknown (EXIF without FNumber).
+        sensor_width_mm: sensor width, mm, ``> 0``.
+        shot_f_number: the f-number the photo was taken at (EXIF), for messages; ``None`` if unknown.
+        source: where the numbers came from (``"exif"``, ``"manual"``, ``"exif+manual"``).
+    """
+
+    focal_length_mm: float
+    f_number: float | None
+    sensor_width_mm: float
+    shot_f_number: float | None = None
+    source: str = "manual"
+
+    def __post_init__(self) -> None:
+        check_number("focal_length_mm", self.focal_length_mm, lo=0.0, lo_open=True)
+        check_number("sensor_width_mm", self.sensor_width_mm, lo=0.0, lo_open=True)
+        if self.f_number is not None:
+            check_number("f_number", self.f_number, lo=0.0, lo_open=True)
+
+    def k(self, focus_distance_m: float, image_width_px: float) -> float:
+        """:func:`bokeh_k` of this setting (px*m).
+
+        Example:
+            >>> round(Camera(85.0, 1.8, 36.0).k(2.0, 1024), 2)
+            59.62
+        """
+        if self.f_number is None:
+            raise GenRefocusInputError(
+                "f_number must be set to compute K, got None (the photo's EXIF has no FNumber); "
+                "set the aperture on a Camera Settings node"
+            )
+        return bokeh_k(self.focal_length_mm, self.f_number, focus_distance_m, self.sensor_width_mm,
+                       image_width_px)
+
+    def describe(self) -> str:
+        """One line: ``85 mm f/1.8 on a 36 mm sensor (exif; shot at f/8)``."""
+        n = "f/?" if self.f_number is None else f"f/{self.f_number:g}"
+        shot = "" if self.shot_f_number is None else f"; shot at f/{self.shot_f_number:g}"
+        lens = f"{self.focal_length_mm:g} mm {n} on a {self.sensor_width_mm:g} mm sensor"
+        return f"{lens} ({self.source}{shot})"
+
+
+def camera_from_exif(lens: ExifLens, sensor_width_mm: float | None = None) -> Camera:
+    """A :class:`Camera` from EXIF: real focal length, the shot f-number, sensor from the crop factor.
+
+    Args:
+        lens: what :func:`read_exif` found.
+        sensor_width_mm: used when the file has no 35 mm-equivalent focal length (no crop factor);
+            ``None`` or 0 = none given.
+
+    Raises:
+        GenRefocusInputError: without a focal length, or without any way to know the sensor width.
+
+    Example:
+        >>> lens = ExifLens(focal_length_mm=50.0, f_number=8.0, focal_length_35mm=75.0)  # crop 1.5
+        >>> camera_from_exif(lens).sensor_width_mm
+        24.0
+    """
+    if lens.focal_length_mm is None:
+        raise GenRefocusInputError(
+            "the photo's EXIF has no FocalLength tag, got None; enter the lens on a Camera Settings node"
+        )
+    sensor = lens.sensor_width_mm
+    if sensor is None:
+        if not sensor_width_mm:
+            raise GenRefocusInputError(
+                "sensor_width_mm must be given: the photo's EXIF has no FocalLengthIn35mmFilm tag to derive "
+                "the sensor from, got 0 (36 for full frame, 23.5 for APS-C, 17.3 for Micro Four Thirds)"
+            )
+        sensor = check_number("sensor_width_mm", sensor_width_mm, lo=0.0, lo_open=True)
+    return Camera(lens.focal_length_mm, lens.f_number, sensor, shot_f_number=lens.f_number, source="exif")

@@ -1,11 +1,12 @@
 """The single registry of GenRefocus nodes."""
 
 from .aperture import ApertureShape
+from .camera import CameraSettings, KFromCamera
 from .defocus import DefocusMapNode, FocusFromMask, FocusPoint
 from .depth import DepthFromImage
 from .depth_models import EstimateDepth
 from .generative import BokehNet, DeblurNet, Refocus, TiledDenoise
-from .loaders import DepthModelLoader, GenfocusModelLoader
+from .loaders import DepthModelLoader, GenfocusModelLoader, ReadCameraExif
 from .native import NativeModelLoader
 from .render import ClassicalBokeh
 
@@ -15,6 +16,9 @@ NODES = [
     EstimateDepth,
     FocusPoint,
     FocusFromMask,
+    ReadCameraExif,
+    CameraSettings,
+    KFromCamera,
     DefocusMapNode,
     ApertureShape,
     ClassicalBokeh,

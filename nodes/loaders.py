@@ -20,13 +20,14 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
+from ..genrefocus_core.camera import camera_from_exif, read_exif
 from ..genrefocus_core.condition_cache import CONDITION_CACHE_MODES
 from ..genrefocus_core.depth_models import DEPTH_MODEL_FOLDER_HINT, load_depth_model
 from ..genrefocus_core.errors import GenRefocusInputError, GenRefocusModelError
 from ..genrefocus_core.memory import MEMORY_MODES, MemoryMode
 from ..genrefocus_core.models import load_genfocus_models
-from ._glue import check_combo
-from .sockets import DepthModel, Pipe
+from ._glue import check_combo, user_errors
+from .sockets import Camera, DepthModel, Pipe
 
 if "depth" not in folder_paths.folder_names_and_paths:
     folder_paths.add_model_folder_path("depth", os.path.join(folder_paths.models_dir, "depth"))
@@ -450,3 +451,57 @@ class GenfocusModelLoader(io.ComfyNode):
             mm.soft_empty_cache()
         pipe.held = hold_with_comfy(pipe, compute, offload)
         return io.NodeOutput(pipe)
+
+
+EXIF = "Read Camera EXIF"
+
+
+def _input_images() -> list[str]:
+    """Image files in ComfyUI's input folder (what core Load Image lists)."""
+    folder = folder_paths.get_input_directory()
+    if not os.path.isdir(folder):
+        return []
+    files = [f for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f))]
+    return sorted(folder_paths.filter_files_content_types(files, ["image"]))
+
+
+class ReadCameraExif(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="GenRefocus_ReadCameraEXIF",
+            display_name=EXIF,
+            category="GenRefocus/camera",
+            description=(
+                "Focal length, f-number and sensor (from the 35 mm-equivalent focal length) of a photo in "
+                "the input folder, read from its EXIF. Feed Camera Settings to render it at another aperture."
+            ),
+            inputs=[
+                io.Combo.Input("image", options=_input_images(), upload=io.UploadType.image,
+                               tooltip="A photo in ComfyUI's input folder (the same file as Load Image)."),
+                io.Float.Input("sensor_width_mm", default=0.0, min=0.0, max=100.0, step=0.1,
+                               tooltip="Used only when the file has no 35 mm-equivalent focal length: "
+                                       "36 full frame, 23.5 APS-C, 17.3 Micro Four Thirds. 0 = none."),
+            ],
+            outputs=[Camera.Output(display_name="camera"), io.String.Output(display_name="summary")],
+        )
+
+    @classmethod
+    def execute(cls, image: str, sensor_width_mm: float) -> io.NodeOutput:
+        with user_errors(EXIF):
+            if not isinstance(image, str) or not folder_paths.exists_annotated_filepath(image):
+                raise GenRefocusInputError(
+                    f"image must be a file in ComfyUI's input folder, got {image!r}; upload it or pick "
+                    "another"
+                )
+            lens = read_exif(folder_paths.get_annotated_filepath(image))
+            camera = camera_from_exif(lens, sensor_width_mm or None)
+            who = " ".join(x for x in (lens.make, lens.model) if x) or "unknown camera"
+            size = f"{lens.width_px} x {lens.height_px} px"
+            return io.NodeOutput(camera, f"{who}, {size}: {camera.describe()}")
+
+    @classmethod
+    def fingerprint_inputs(cls, image: str, sensor_width_mm: float) -> str:
+        """Re-run when the file changes (as core Load Image does)."""
+        path = folder_paths.get_annotated_filepath(image) if isinstance(image, str) else ""
+        return f"{path}:{os.path.getmtime(path)}" if path and os.path.isfile(path) else str(image)

@@ -9,3 +9,4 @@ ApertureSocket = io.Custom("GENREFOCUS_APERTURE")  # genrefocus_core.aperture.Ap
 DepthModel = io.Custom("GENREFOCUS_DEPTH_MODEL")  # genrefocus_core.depth_models.DepthModel
 Pipe = io.Custom("GENREFOCUS_PIPE")  # nodes.generative.GenerativePipe or nodes.native.NativePipe
 Tiling = io.Custom("GENREFOCUS_TILING")  # nodes.generative.TileSettings
+Camera = io.Custom("GENREFOCUS_CAMERA")  # genrefocus_core.camera.Camera

@@ -86,3 +86,41 @@ def get_full_path_or_raise(folder_name: str, filename: str) -> str:
     if path is None:
         raise FileNotFoundError(f"Model in folder '{folder_name}' with filename '{filename}' not found.")
     return path
+
+
+# Input folder (core Load Image and GenRefocus' Read Camera EXIF list and read files here).
+input_directory = os.path.join(base_path, "input")
+_IMAGE_EXT = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def get_input_directory() -> str:
+    return input_directory
+
+
+def set_input_directory(path: str) -> None:
+    global input_directory
+    input_directory = path
+
+
+def filter_files_content_types(files: list[str], content_types: list[str]) -> list[str]:
+    """Only ``"image"`` is known here (by extension)."""
+    if "image" not in content_types:
+        return []
+    return [f for f in files if os.path.splitext(f)[1].lower() in _IMAGE_EXT]
+
+
+def _annotated(name: str) -> tuple[str, str]:
+    for tag in ("input", "output", "temp"):
+        if name.endswith(f" [{tag}]"):
+            base = input_directory if tag == "input" else os.path.join(base_path, tag)
+            return name[: -len(tag) - 3], base
+    return name, input_directory
+
+
+def get_annotated_filepath(name: str, default_dir: str | None = None) -> str:
+    name, base = _annotated(name)
+    return os.path.join(base, name)
+
+
+def exists_annotated_filepath(name: str) -> bool:
+    return os.path.exists(get_annotated_filepath(name))

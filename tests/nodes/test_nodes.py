@@ -20,6 +20,9 @@ EXPECTED_IDS = {
     "GenRefocus_EstimateDepth",
     "GenRefocus_FocusPoint",
     "GenRefocus_FocusFromMask",
+    "GenRefocus_ReadCameraEXIF",
+    "GenRefocus_CameraSettings",
+    "GenRefocus_KFromCamera",
     "GenRefocus_DefocusMap",
     "GenRefocus_Aperture",
     "GenRefocus_ClassicalBokeh",
@@ -41,7 +44,8 @@ def _schema_dict(cls) -> dict:
     inputs = []
     for i in s.inputs:
         d = {"id": i.id, "type": str(i.io_type), "optional": bool(i.optional)}
-        file_list = s.category.endswith("/loaders") and str(i.io_type) == "COMBO"
+        uploads = getattr(i, "upload", None) is not None  # e.g. a picker of the input folder's images
+        file_list = (s.category.endswith("/loaders") or uploads) and str(i.io_type) == "COMBO"
         for attr in ("default", "min", "max", "options"):
             v = getattr(i, attr, None)
             if v is not None and not (file_list and attr in ("options", "default")):

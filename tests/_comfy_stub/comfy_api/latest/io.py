@@ -3,6 +3,7 @@ signatures (V3, ComfyUI 0.3.6x) and their ``as_dict`` forms, without the executi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 
@@ -138,6 +139,13 @@ class String:
             self.multiline, self.placeholder = multiline, placeholder
 
 
+class UploadType(str, Enum):
+    image = "image_upload"
+    audio = "audio_upload"
+    video = "video_upload"
+    model = "file_upload"
+
+
 @_comfytype("COMBO")
 class Combo:
     class Input(WidgetInput):
@@ -147,6 +155,7 @@ class Combo:
             super().__init__(id, display_name, optional, tooltip, lazy, default, socketless)
             self.options = list(options) if options is not None else None
             self.control_after_generate = control_after_generate
+            self.upload = upload
 
         def as_dict(self):
             return super().as_dict() | _prune({"options": self.options})

@@ -174,3 +174,28 @@ def test_refocus_previews_reach_the_client(live):
     for node_id in previews:
         images = entry["outputs"][node_id]["images"]
         assert images and images[0]["type"] == "temp"
+
+
+def test_camera_k_feeds_the_defocus_map(live):
+    """Read Camera EXIF -> Camera Settings (f/1.4) -> K from Camera -> Defocus Map's k, in a real server."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    ifd = exif.get_ifd(0x8769)
+    ifd[0x920A], ifd[0x829D], ifd[0xA405] = 50.0, 8.0, 75  # 50 mm f/8 on APS-C (crop 1.5)
+    Image.new("RGB", (320, 200), (90, 120, 150)).save(live.input_dir / "camera.jpg", exif=exif)
+    graph = json.loads((REPO / "tests" / "data" / "classical_refocus.api.json").read_text())
+    ids = {v["class_type"]: k for k, v in graph.items()}
+    graph[ids["GenRefocus_DepthFromImage"]]["inputs"].update(interpretation="metric_depth", metric_scale=5.0)
+    graph["100"] = {"class_type": "GenRefocus_ReadCameraEXIF", "inputs": {"image": "camera.jpg",
+                                                                          "sensor_width_mm": 0.0}}
+    graph["101"] = {"class_type": "GenRefocus_CameraSettings",
+                    "inputs": {"camera": ["100", 0], "f_number": 1.4, "focal_length_mm": 0.0,
+                               "sensor": "from camera input", "sensor_width_mm": 36.0}}
+    graph["102"] = {"class_type": "GenRefocus_KFromCamera",
+                    "inputs": {"camera": ["101", 0], "depth": [ids["GenRefocus_DepthFromImage"], 0],
+                               "focus": [ids["GenRefocus_FocusPoint"], 0]}}
+    graph[ids["GenRefocus_DefocusMap"]]["inputs"]["k"] = ["102", 0]  # a FLOAT output into the k widget
+    entry = live.run(graph, timeout=600)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert any(img["type"] == "output" for out in entry["outputs"].values() for img in out.get("images", []))

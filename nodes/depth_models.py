@@ -55,17 +55,21 @@ class EstimateDepth(io.ComfyNode):
             inputs=[
                 io.Image.Input("image", tooltip="RGB frames in [0, 1]; each frame is estimated on its own."),
                 DepthModel.Input("depth_model", tooltip="From Load Depth Model."),
+                io.Float.Input("focal_px", default=0.0, min=0.0, max=1e6, step=1.0, optional=True,
+                               tooltip="Focal length of the photo in px when known (focal mm x image "
+                                       "width px / sensor width mm): Depth Pro uses it for the metric "
+                                       "scale instead of its own estimate. 0 = estimate it."),
             ],
             outputs=[Depth.Output(display_name="depth"), io.Image.Output(display_name="preview")],
         )
 
     @classmethod
-    def execute(cls, image, depth_model: CoreDepthModel) -> io.NodeOutput:
+    def execute(cls, image, depth_model: CoreDepthModel, focal_px: float = 0.0) -> io.NodeOutput:
         if not isinstance(depth_model, CoreDepthModel):
             raise GenRefocusInputError(
                 f"[{NAME}] depth_model must come from Load Depth Model, got {type(depth_model).__name__}"
             )
         frames = image_to_bchw(image, node=NAME)
         with user_errors(NAME), _on_compute_device(depth_model):
-            depth = depth_model.estimate(frames, on_step=progress(frames.shape[0]))
+            depth = depth_model.estimate(frames, focal_px=focal_px or None, on_step=progress(frames.shape[0]))
         return io.NodeOutput(depth, bchw_to_image(disparity_preview(depth.disparity)))

@@ -122,6 +122,13 @@ def test_depth_pro_gives_metric_depth_and_focal(nodes, registered):
     assert depth.metric and depth.source == "depth_pro"
     assert depth.focal_px == pytest.approx(0.5 * 36 / torch.tan(torch.deg2rad(torch.tensor(25.0))).item())
     torch.testing.assert_close(depth.disparity, 1.0 / depth.depth_m)
+    # a known focal length (e.g. from EXIF) replaces the estimate: metric depth scales with it
+    known = nodes[ESTIMATE].execute(image=_frames(b=1, h=24, w=36), depth_model=model,
+                                    focal_px=2.0 * depth.focal_px).result[0]
+    assert known.focal_px == pytest.approx(2.0 * depth.focal_px)
+    free = (depth.disparity > 2.1e-4) & (depth.disparity < 9e3)  # away from the 1e-4..1e4 clamp
+    assert bool(free.any())
+    torch.testing.assert_close(known.depth_m[free], 2.0 * depth.depth_m[free], rtol=1e-4, atol=1e-6)
 
 
 def test_loader_errors_name_the_node(nodes, registered, errors):

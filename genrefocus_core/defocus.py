@@ -34,6 +34,7 @@ __all__ = [
     "focus_disparity_center",
     "focus_disparity_from_mask",
     "focus_disparity_from_point",
+    "mark_point",
     "median_disparity",
     "resize_like",
     "signed_coc",
@@ -259,6 +260,42 @@ def defocus_condition_map(coc: Tensor, max_coc: float = MAX_COC) -> Tensor:
     check_bchw("coc", coc, 1)
     max_coc = check_number("max_coc", max_coc, lo=0.0, lo_open=True)
     return (coc.abs() / max_coc).clamp(0.0, 1.0)
+
+
+def mark_point(image: Tensor, x: float, y: float) -> Tensor:
+    """A copy of ``image`` with a crosshair at the normalised point ``(x, y)``.
+
+    Args:
+        image: ``(B, 3, H, W)`` in [0, 1].
+        x: horizontal position in [0, 1] of the width (0 = left edge).
+        y: vertical position in [0, 1] of the height (0 = top).
+
+    Returns:
+        ``(B, 3, H, W)``: white arms with a black outline, about 1/20 of the short side long (at
+        least 6 px), and a gap in the middle so the focused pixel itself stays visible.
+
+    Example:
+        >>> out = mark_point(torch.full((1, 3, 40, 40), 0.5), 0.5, 0.5)
+        >>> float(out[0, 0, 20, 20]), float(out[0, 0, 20, 24]), float(out[0, 0, 21, 24])  # centre, arm, edge
+        (0.5, 1.0, 0.0)
+    """
+    check_bchw("image", image, 3)
+    check_number("x", x, lo=0.0, hi=1.0)
+    check_number("y", y, lo=0.0, hi=1.0)
+    out = image.clone()
+    h, w = image.shape[-2:]
+    cx, cy = min(int(x * w), w - 1), min(int(y * h), h - 1)
+    arm = max(6, min(h, w) // 20)
+    gap = max(2, arm // 3)
+    yy = torch.arange(h, device=image.device).view(h, 1)
+    xx = torch.arange(w, device=image.device).view(1, w)
+    dx, dy = (xx - cx).abs(), (yy - cy).abs()
+    lines = ((dy == 0) & (dx >= gap) & (dx <= arm)) | ((dx == 0) & (dy >= gap) & (dy <= arm))
+    lo, hi = gap - 1, arm + 1
+    outline = ((dy <= 1) & (dx >= lo) & (dx <= hi)) | ((dx <= 1) & (dy >= lo) & (dy <= hi))
+    out[:, :, outline] = 0.0
+    out[:, :, lines] = 1.0
+    return out
 
 
 def coc_preview(coc: Tensor, max_radius: float | None = None) -> Tensor:

@@ -9,10 +9,11 @@ from ..genrefocus_core.defocus import (
     coc_preview,
     defocus_condition_map,
     defocus_map,
+    mark_point,
     resize_like,
 )
 from ..genrefocus_core.errors import GenRefocusInputError
-from ._glue import bchw_to_image, mask_to_b1hw, user_errors
+from ._glue import bchw_to_image, image_to_bchw, mask_to_b1hw, user_errors
 from .sockets import Defocus, Depth, Focus
 
 POINT = "Focus Point"
@@ -27,7 +28,10 @@ class FocusPoint(io.ComfyNode):
             node_id="GenRefocus_FocusPoint",
             display_name=POINT,
             category="GenRefocus/defocus",
-            description="Focus on the depth under a point, given as fractions of the image width and height.",
+            description=(
+                "Focus on the depth under a point, given as fractions of the image width and height. Wire "
+                "the photo into 'image' to see the point marked on it in the node."
+            ),
             inputs=[
                 io.Float.Input(
                     "x",
@@ -45,14 +49,20 @@ class FocusPoint(io.ComfyNode):
                     step=0.001,
                     tooltip="Vertical position: 0 = top, 1 = bottom.",
                 ),
+                io.Image.Input("image", optional=True,
+                               tooltip="The photo: shown in the node with the focus point marked."),
             ],
             outputs=[Focus.Output(display_name="focus")],
         )
 
     @classmethod
-    def execute(cls, x: float, y: float) -> io.NodeOutput:
+    def execute(cls, x: float, y: float, image=None) -> io.NodeOutput:
         with user_errors(POINT):
-            return io.NodeOutput(FocusTarget("point", x=x, y=y))
+            focus = FocusTarget("point", x=x, y=y)
+            if image is None:
+                return io.NodeOutput(focus)
+            marked = bchw_to_image(mark_point(image_to_bchw(image, node=POINT), x, y))
+            return io.NodeOutput(focus, ui=ui.PreviewImage(marked, cls=cls))
 
 
 class FocusFromMask(io.ComfyNode):

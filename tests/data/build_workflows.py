@@ -114,8 +114,8 @@ Inputs:
    is dark, use 'relative_depth' or 'invert'. Never use a colour-mapped depth preview.
    To try it without files: run  python -m genrefocus_core demo -o <ComfyUI>/input  in this pack's
    folder and pick demo_input.png and demo_disparity.png.
-3. Focus Point: x, y as fractions of the width and height (0.5, 0.5 = centre). Or wire a mask into
-   'Focus from Mask' instead.
+3. Focus Point: x, y as fractions of the width and height (0.5, 0.5 = centre); after a run the
+   node shows the photo with the point marked. Or wire a mask into 'Focus from Mask' instead.
 4. Defocus Map: K = blur strength (largest blur radius in px for relative maps; px*m for metric).
 5. Aperture Shape: disc, n-blade polygon, heart, star, triangle or your own image.
 6. Classical Bokeh: 'physical' (occlusion-aware, default) or 'bokehme'. Batches are rendered frame
@@ -392,6 +392,7 @@ def main() -> None:
         ],
         [
             (2, 0, 3, "image"),
+            (1, 0, 4, "image"),
             (4, 0, 5, "focus"),
             (3, 0, 5, "depth"),
             (1, 0, 7, "image"),

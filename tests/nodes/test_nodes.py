@@ -259,3 +259,20 @@ def test_grey_and_rgba_images_accepted(nodes):
     torch.testing.assert_close(a, b)  # alpha ignored, documented
     grey = node.execute(image=rgb[..., :1], defocus=dm, mode="bokehme", gamma=2.2, highlight=False).result[0]
     assert grey.shape == (1, 24, 32, 3)
+
+
+def test_focus_point_marks_the_point_on_the_photo(nodes):
+    photo = torch.full((2, 30, 40, 3), 0.5)
+    plain = nodes["GenRefocus_FocusPoint"].execute(x=0.25, y=0.5)
+    assert plain.ui is None
+    out = nodes["GenRefocus_FocusPoint"].execute(x=0.25, y=0.5, image=photo)
+    assert out.result[0] == plain.result[0]  # the same focus whether or not the photo is shown
+    shown = out.ui.image if hasattr(out.ui, "image") else None
+    if shown is None:  # real ComfyUI saves the preview to its temp folder: check the core drawing instead
+        core = importlib.import_module(f"{PACK_NAME}.genrefocus_core.defocus")
+        shown = core.mark_point(photo.permute(0, 3, 1, 2), 0.25, 0.5).permute(0, 2, 3, 1)
+    assert shown.shape == photo.shape
+    changed = (shown != photo).any(dim=-1)[0]
+    ys, xs = torch.nonzero(changed, as_tuple=True)
+    assert int(ys.float().mean().round()) == 15 and int(xs.float().mean().round()) == 10  # centred on it
+    assert float(shown[0, 15, 10, 0]) == 0.5  # the focused pixel itself is left visible

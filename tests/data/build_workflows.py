@@ -36,10 +36,22 @@ def _sockets(node_type: str):
     return ins, outs, widgets
 
 
+def _ui_inputs(node_type: str, linked: set[str]) -> list[tuple[str, str, bool]]:
+    """UI input slots: the sockets, then the widgets that a link drives (widget-as-input, e.g. a
+    FLOAT output into the Defocus Map's k): ``(name, type, is_widget)``."""
+    ins, _, widgets = _sockets(node_type)
+    slots = [(name, typ, False) for name, typ in ins]
+    if node_type not in CORE:
+        types = {i["id"]: i["type"] for i in SCHEMAS[node_type]["inputs"]}
+        slots += [(w, types[w], True) for w in widgets if w in linked]
+    return slots
+
+
 def build(name: str, nodes: list[dict], links: list[tuple[int, int, int, str]]) -> None:
     """nodes: {id, type, pos, widgets: {name: value}, title?, size?}; links: (from, slot, to, input)."""
     by_id = {n["id"]: n for n in nodes}
     ui_nodes, ui_links, api = [], [], {}
+    slots = {n["id"]: _ui_inputs(n["type"], {lk[3] for lk in links if lk[2] == n["id"]}) for n in nodes}
     for lid, (src, slot, dst, inp) in enumerate(links, start=1):
         ui_links.append(
             [
@@ -47,17 +59,21 @@ def build(name: str, nodes: list[dict], links: list[tuple[int, int, int, str]]) 
                 src,
                 slot,
                 dst,
-                [i for i, _ in _sockets(by_id[dst]["type"])[0]].index(inp),
+                [i for i, _, _ in slots[dst]].index(inp),
                 _sockets(by_id[src]["type"])[1][slot][1],
             ]
         )
     for order, n in enumerate(nodes):
-        ins, outs, widgets = _sockets(n["type"])
+        _, outs, widgets = _sockets(n["type"])
         wv = [n["widgets"][w] for w in widgets if w in n["widgets"]]
         ui_inputs = []
-        for iname, itype in ins:
-            link = next((lk[0] for lk in ui_links if lk[3] == n["id"] and ins[lk[4]][0] == iname), None)
-            ui_inputs.append({"name": iname, "type": itype, "link": link})
+        for iname, itype, is_widget in slots[n["id"]]:
+            link = next((lk[0] for lk in ui_links if lk[3] == n["id"] and slots[n["id"]][lk[4]][0] == iname),
+                        None)
+            entry = {"name": iname, "type": itype, "link": link}
+            if is_widget:
+                entry["widget"] = {"name": iname}
+            ui_inputs.append(entry)
         ui_outputs = []
         for oslot, (oname, otype) in enumerate(outs):
             ol = [lk[0] for lk in ui_links if lk[1] == n["id"] and lk[2] == oslot]
@@ -305,6 +321,79 @@ def build_refocus_native() -> None:
     )
 
 
+CAMERA_NOTE = """GenRefocus - same photo, new aperture (camera controls; no model files needed)
+
+"Shot at f/8, show it at f/1.4": the blur strength K comes from the photo's lens (EXIF) and the
+aperture you pick, by the thin-lens formula (paper Eq. 3), instead of a slider.
+Inputs:
+1. Load Image (photo) and Read Camera EXIF: pick the SAME photo (a JPEG with EXIF) in both. The
+   35 mm-equivalent focal length gives the sensor width; if the file lacks it, set sensor_width_mm
+   (36 full frame, 23.5 APS-C, 17.3 Micro Four Thirds).
+2. Load Image (depth) + Depth from Image: a METRIC depth map, grey value x metric_scale = metres
+   (here white = 10 m). Or estimate it: Load Depth Model (DepthPro) -> Estimate Depth on the photo,
+   its depth wired into K from Camera and Defocus Map. Relative depth (Depth Anything, most depth
+   nodes) has no metres: K from Camera refuses it; set k by hand on the Defocus Map then.
+3. Focus Point: what stays sharp; the depth there is the focus distance.
+4. Camera Settings: f_number = the aperture to render (f/1.4 here); focal length and sensor come
+   from the EXIF ('from camera input', focal_length_mm 0), or type them.
+5. K from Camera -> the Defocus Map's k (a link into its k widget); its summary output explains
+   the numbers (focus distance, K in px*m).
+6. Aperture Shape and Classical Bokeh render it; Save Image.
+Model files: none. For Estimate Depth: models/depth/DepthPro/ (apple/DepthPro-hf, transformers
+format: config.json, model.safetensors, preprocessor_config.json)."""
+
+
+def build_camera_refocus() -> None:
+    build(
+        "camera_refocus",
+        [
+            {"id": 1, "type": "LoadImage", "title": "Load Image (photo)", "pos": [40, 60], "size": [300, 320],
+             "widgets": {"image": "camera_photo.jpg", "upload": "image"}},
+            {"id": 2, "type": "GenRefocus_ReadCameraEXIF", "pos": [40, 420], "size": [300, 300],
+             "widgets": {"image": "camera_photo.jpg", "sensor_width_mm": 0.0}},
+            {"id": 3, "type": "LoadImage", "title": "Load Image (metric depth)", "pos": [40, 760],
+             "size": [300, 320], "widgets": {"image": "camera_depth.png", "upload": "image"}},
+            {"id": 4, "type": "GenRefocus_DepthFromImage", "pos": [380, 760], "size": [300, 130],
+             "widgets": {"interpretation": "metric_depth", "invert": False, "metric_scale": 10.0}},
+            {"id": 5, "type": "GenRefocus_FocusPoint", "pos": [380, 940], "size": [300, 260],
+             "widgets": {"x": 0.5, "y": 0.62}},
+            {"id": 6, "type": "GenRefocus_CameraSettings", "pos": [380, 420], "size": [300, 160],
+             "widgets": {"f_number": 1.4, "focal_length_mm": 0.0, "sensor": "from camera input",
+                         "sensor_width_mm": 36.0}},
+            {"id": 7, "type": "GenRefocus_KFromCamera", "pos": [720, 420], "size": [300, 100], "widgets": {}},
+            {"id": 8, "type": "GenRefocus_DefocusMap", "pos": [720, 600], "size": [300, 180],
+             "widgets": {"k": 20.0, "width": 0, "height": 0}},
+            {"id": 9, "type": "GenRefocus_Aperture", "pos": [720, 840], "size": [300, 260],
+             "widgets": {"shape": "disc", "blades": 9, "rotation_deg": 0.0, "roundness": 1.0,
+                         "scaling": "equal_area", "flip_foreground": True}},
+            {"id": 10, "type": "GenRefocus_ClassicalBokeh", "pos": [1060, 420], "size": [300, 180],
+             "widgets": {"mode": "physical", "gamma": 2.2, "highlight": True}},
+            {"id": 11, "type": "SaveImage", "pos": [1400, 60], "size": [420, 360],
+             "widgets": {"filename_prefix": "genrefocus/camera_refocus"}},
+            {"id": 12, "type": "PreviewImage", "title": "Defocus preview", "pos": [1060, 660],
+             "size": [300, 260], "widgets": {}},
+            {"id": 13, "type": "Note", "title": "Read me: same photo, new aperture", "pos": [380, 0],
+             "size": [640, 400], "widgets": {"text": CAMERA_NOTE}},
+        ],
+        [
+            (3, 0, 4, "image"),
+            (1, 0, 5, "image"),
+            (2, 0, 6, "camera"),
+            (6, 0, 7, "camera"),
+            (4, 0, 7, "depth"),
+            (5, 0, 7, "focus"),
+            (4, 0, 8, "depth"),
+            (7, 0, 8, "k"),
+            (5, 0, 8, "focus"),
+            (1, 0, 10, "image"),
+            (8, 0, 10, "defocus"),
+            (9, 0, 10, "aperture"),
+            (10, 0, 11, "images"),
+            (8, 1, 12, "images"),
+        ],
+    )
+
+
 def main() -> None:
     build(
         "classical_refocus",
@@ -406,6 +495,7 @@ def main() -> None:
     build_refocus()
     build_deblur()
     build_refocus_native()
+    build_camera_refocus()
 
 
 if __name__ == "__main__":

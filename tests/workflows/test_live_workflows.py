@@ -87,9 +87,27 @@ def live():
         image, disparity, _ = demo_scene(200, 320)
         save_image(server.input_dir / "demo_input.png", image)
         save_image(server.input_dir / "demo_disparity.png", disparity_preview(disparity))
+        _write_camera_inputs(server.input_dir, image, disparity)
         if (FIXTURE / "model").is_dir():
             _place_tiny_models(server.models_dir)
         yield server
+
+
+def _write_camera_inputs(folder: Path, image, disparity) -> None:
+    """camera_refocus' inputs: the demo photo as a JPEG with EXIF (85 mm f/8, full frame) and a
+    metric depth PNG (grey x 10 = metres, about 1 to 8.5 m)."""
+    from PIL import Image
+
+    def pil(t):
+        return Image.fromarray((t[0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy())
+
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110] = "GenRefocus", "demo camera"
+    ifd = exif.get_ifd(0x8769)
+    ifd[0x920A], ifd[0x829D], ifd[0xA405] = 85.0, 8.0, 85
+    pil(image).save(folder / "camera_photo.jpg", quality=95, exif=exif)
+    depth_m = 1.0 / (0.1 + 0.9 * disparity)
+    pil((depth_m / 10.0).expand(-1, 3, -1, -1)).save(folder / "camera_depth.png")
 
 
 def _png_size(path: Path) -> tuple[int, int]:

@@ -29,7 +29,22 @@ WIDGET_TYPES = {"INT", "FLOAT", "BOOLEAN", "STRING", "COMBO"}
 
 
 def test_there_are_workflows():
-    assert [p.name for p in WORKFLOWS if p.name == "classical_refocus.json"]
+    assert {"classical_refocus.json", "camera_refocus.json"} <= {p.name for p in WORKFLOWS}
+
+
+def test_camera_workflow_feeds_k_from_the_camera():
+    """camera_refocus: the Defocus Map's k is a link from K from Camera (widget as input), at f/1.4."""
+    wf = json.loads((REPO / "workflows" / "camera_refocus.json").read_text())
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    dmap = next(n for n in wf["nodes"] if n["type"] == "GenRefocus_DefocusMap")
+    k_in = next(i for i in dmap["inputs"] if i["name"] == "k")
+    assert k_in["widget"] == {"name": "k"} and k_in["type"] == "FLOAT"
+    link = next(lk for lk in wf["links"] if lk[0] == k_in["link"])
+    assert nodes[link[1]]["type"] == "GenRefocus_KFromCamera" and link[5] == "FLOAT"
+    settings = next(n for n in wf["nodes"] if n["type"] == "GenRefocus_CameraSettings")
+    assert settings["widgets_values"][0] == 1.4
+    api = json.loads((REPO / "tests" / "data" / "camera_refocus.api.json").read_text())
+    assert api[str(dmap["id"])]["inputs"]["k"] == [str(link[1]), 0]
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
@@ -82,7 +97,15 @@ def test_api_twin_matches_ui(path):
         assert entry["class_type"] == n["type"]
         if n["type"] in SCHEMAS:
             widgets = [i["id"] for i in SCHEMAS[n["type"]]["inputs"] if i["type"] in WIDGET_TYPES]
-            assert [entry["inputs"][w] for w in widgets] == n["widgets_values"]
+            # a widget driven by a link (e.g. K from Camera into the Defocus Map's k) is a link in the
+            # twin, and the UI keeps its widget value as the fallback
+            linked = {i["widget"]["name"]: i["link"] for i in n.get("inputs", []) if "widget" in i}
+            values = [[str(lk[1]), lk[2]] for w in widgets for lk in wf["links"] if lk[0] == linked.get(w)]
+            assert len(values) == len([w for w in widgets if linked.get(w) is not None])
+            assert [entry["inputs"][w] for w in widgets if linked.get(w) is None] == [
+                v for w, v in zip(widgets, n["widgets_values"], strict=True) if linked.get(w) is None
+            ]
+            assert [entry["inputs"][w] for w in widgets if linked.get(w) is not None] == values
 
 
 def test_thumbnails_exist():

@@ -21,6 +21,22 @@ MASK = "Focus from Mask"
 DEFOCUS = "Defocus Map"
 
 
+class _FocusPreview(ui.PreviewImage):
+    """The marked photo, plus the point it marks under ``genrefocus_point`` ([x, y], normalised).
+
+    The click-to-focus extension (``web/focus_point.js``) reads the point to tell whether the
+    widgets still match the last run ("queue to refocus here"). ComfyUI concatenates ui lists of
+    list-mapped runs, so the value is a flat list; the first pair is the point of the first run.
+    """
+
+    def __init__(self, image, x: float, y: float, cls=None):
+        super().__init__(image, cls=cls)
+        self.point = [float(x), float(y)]
+
+    def as_dict(self) -> dict:
+        return {**super().as_dict(), "genrefocus_point": list(self.point)}
+
+
 class FocusPoint(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -30,7 +46,8 @@ class FocusPoint(io.ComfyNode):
             category="GenRefocus/defocus",
             description=(
                 "Focus on the depth under a point, given as fractions of the image width and height. Wire "
-                "the photo into 'image' to see the point marked on it in the node."
+                "the photo into 'image' and run once: the node shows the photo with the point marked, and a "
+                "click on it sets x and y (click to focus)."
             ),
             inputs=[
                 io.Float.Input(
@@ -50,7 +67,8 @@ class FocusPoint(io.ComfyNode):
                     tooltip="Vertical position: 0 = top, 1 = bottom.",
                 ),
                 io.Image.Input("image", optional=True,
-                               tooltip="The photo: shown in the node with the focus point marked."),
+                               tooltip="The photo: shown in the node with the focus point marked; click on "
+                               "it to move the point (x, y stay the values used)."),
             ],
             outputs=[Focus.Output(display_name="focus")],
         )
@@ -62,7 +80,7 @@ class FocusPoint(io.ComfyNode):
             if image is None:
                 return io.NodeOutput(focus)
             marked = bchw_to_image(mark_point(image_to_bchw(image, node=POINT), x, y))
-            return io.NodeOutput(focus, ui=ui.PreviewImage(marked, cls=cls))
+            return io.NodeOutput(focus, ui=_FocusPreview(marked, x, y, cls=cls))
 
 
 class FocusFromMask(io.ComfyNode):

@@ -5,6 +5,11 @@ ComfyUI, which imports this folder as a package, it exposes one V3 ``ComfyExtens
 ``comfy_entrypoint``.
 """
 
+# Frontend extensions (click-to-focus on the Focus Point node). ComfyUI reads this module attribute
+# for V1 and V3 packs alike and serves every .js under it at /extensions/<folder name>/; outside
+# ComfyUI it is an unused string.
+WEB_DIRECTORY = "./web"
+
 try:
     from comfy_api.latest import ComfyExtension
 except ImportError:  # not running inside ComfyUI

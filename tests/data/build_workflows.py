@@ -394,6 +394,63 @@ def build_camera_refocus() -> None:
     )
 
 
+DEPTH_TO_BOKEH_NOTE = """GenRefocus - photo -> depth -> click to focus -> bokeh (no model files needed)
+
+Inputs:
+1. Load Image (photo): an all-in-focus photo.
+2. Load Image (depth) + Depth from Image: its grey depth map, same size, near = bright
+   (relative_disparity; metric depth in metres: 'metric_depth'; near dark: 'invert'). Never a
+   colour-mapped preview. To try it without files: python -m genrefocus_core demo -o <ComfyUI>/input
+   in this pack's folder, then pick demo_input.png and demo_disparity.png.
+   Estimate the depth instead: add Load Depth Model (DepthPro or Depth Anything V2 in models/depth/)
+   and Estimate Depth, wire the photo into Estimate Depth's image and its depth output into the
+   Defocus Map's depth; delete the depth Load Image and Depth from Image.
+3. Focus Point (click to focus): queue once, the photo appears in the node; click on it to set
+   x, y (the yellow crosshair), queue again. You can also type x, y (0..1 of width and height).
+4. Defocus Map: K = blur strength (largest blur radius in px for relative maps; px*m for metric).
+   Its preview (shown in the node): black = sharp, orange = in front, blue = behind the focus.
+5. Aperture Shape and Classical Bokeh ('physical', occlusion-aware) render it; Save Image.
+Model files: none. With Estimate Depth: models/depth/DepthPro/ (apple/DepthPro-hf, transformers
+format: config.json, model.safetensors, preprocessor_config.json) or a Depth Anything V2 folder."""
+
+
+def build_depth_to_bokeh() -> None:
+    build(
+        "depth_to_bokeh",
+        [
+            {"id": 1, "type": "LoadImage", "title": "Load Image (photo)", "pos": [40, 60], "size": [300, 320],
+             "widgets": {"image": "demo_input.png", "upload": "image"}},
+            {"id": 2, "type": "LoadImage", "title": "Load Image (depth)", "pos": [40, 420],
+             "size": [300, 320], "widgets": {"image": "demo_disparity.png", "upload": "image"}},
+            {"id": 3, "type": "GenRefocus_DepthFromImage", "pos": [380, 620], "size": [320, 130],
+             "widgets": {"interpretation": "relative_disparity", "invert": False, "metric_scale": 1.0}},
+            {"id": 4, "type": "GenRefocus_FocusPoint", "title": "Focus Point (click to focus)",
+             "pos": [740, 60], "size": [380, 400], "widgets": {"x": 0.5, "y": 0.62}},
+            {"id": 5, "type": "GenRefocus_DefocusMap", "pos": [740, 500], "size": [380, 420],
+             "widgets": {"k": 40.0, "width": 0, "height": 0}},
+            {"id": 6, "type": "GenRefocus_Aperture", "pos": [1160, 60], "size": [320, 460],
+             "widgets": {"shape": "polygon", "blades": 7, "rotation_deg": 0.0, "roundness": 0.3,
+                         "scaling": "equal_area", "flip_foreground": True}},
+            {"id": 7, "type": "GenRefocus_ClassicalBokeh", "pos": [1160, 560], "size": [320, 160],
+             "widgets": {"mode": "physical", "gamma": 2.2, "highlight": True}},
+            {"id": 8, "type": "SaveImage", "pos": [1520, 60], "size": [400, 400],
+             "widgets": {"filename_prefix": "genrefocus/depth_to_bokeh"}},
+            {"id": 9, "type": "Note", "title": "Read me", "pos": [380, 60], "size": [320, 520],
+             "widgets": {"text": DEPTH_TO_BOKEH_NOTE}},
+        ],
+        [
+            (2, 0, 3, "image"),
+            (1, 0, 4, "image"),
+            (3, 0, 5, "depth"),
+            (4, 0, 5, "focus"),
+            (1, 0, 7, "image"),
+            (5, 0, 7, "defocus"),
+            (6, 0, 7, "aperture"),
+            (7, 0, 8, "images"),
+        ],
+    )
+
+
 def main() -> None:
     build(
         "classical_refocus",
@@ -496,6 +553,7 @@ def main() -> None:
     build_deblur()
     build_refocus_native()
     build_camera_refocus()
+    build_depth_to_bokeh()
 
 
 if __name__ == "__main__":

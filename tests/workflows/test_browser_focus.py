@@ -55,6 +55,7 @@ SHOTS = Path(
 H, W = 200, 320  # the demo scene: ground plane below 0.55 H, its disparity growing linearly downwards
 HAND = (0.68, 0.8)  # typed into the widgets: on the ground, right of the ball
 CLICK = (0.32, 0.9)  # clicked: on the ground, left of the ball, nearer than it, clear of the bars
+NARROW_CLICK = (0.62, 0.86)  # clicked on the narrowed node: ground, right of the ball
 TOL = 0.01  # about 2 screen px on a 320 px picture shown at scale 0.8
 TOP = int(0.58 * H)
 GROUND = (slice(TOP, H), slice(int(0.27 * W), int(0.38 * W)))  # below the horizon, between bar and ball
@@ -275,6 +276,27 @@ def test_click_on_the_preview_sets_the_focus_and_the_next_run_uses_it(live, fron
     assert _yellow_near(shot, _to_screen(fe, node, rect, *HAND)) > 20
     assert _yellow_near(shot, _to_screen(fe, node, rect, *CLICK)) == 0
 
+    # A narrower node: the picture is scaled down and letterboxed above and below. A click on the
+    # bar above it changes nothing; a click on it maps onto the picture as drawn.
+    full = fe.evaluate("(id) => [...app.graph.getNodeById(id).size]", node)
+    fe.evaluate("([id, w, h]) => app.graph.getNodeById(id).setSize([w, h])", [node, 240, full[1]])
+    fe.redraw()
+    narrow = _picture_rect(fe, node)
+    assert narrow[2] == 240 and narrow[3] == 150 and narrow[1] > 60, narrow  # 0.75x, bars of ~80 units
+    fe.page.mouse.click(*_to_screen(fe, node, narrow, 0.5, -0.1))
+    fe.redraw()
+    assert (_widgets(fe, node)["x"], _widgets(fe, node)["y"]) == HAND
+    fe.page.mouse.click(*_to_screen(fe, node, narrow, *NARROW_CLICK))
+    fe.wait_for("([id, x]) => app.graph.getNodeById(id).widgets.find(w => w.name === 'x').value !== x",
+                [node, HAND[0]], timeout=10)
+    values = _widgets(fe, node)
+    assert abs(values["x"] - NARROW_CLICK[0]) <= TOL and abs(values["y"] - NARROW_CLICK[1]) <= TOL, values
+    shot = _screenshot(fe, "narrow_node.png")
+    assert _yellow_near(shot, _to_screen(fe, node, narrow, *NARROW_CLICK)) > 20
+    fe.evaluate("([id, w, h]) => app.graph.getNodeById(id).setSize([w, h])", [node, *full])
+    fe.redraw()
+    assert _picture_rect(fe, node) == rect
+
     # The click.
     version = fe.evaluate("() => app.graph._version")
     fe.page.mouse.click(*_to_screen(fe, node, rect, *CLICK))
@@ -287,6 +309,19 @@ def test_click_on_the_preview_sets_the_focus_and_the_next_run_uses_it(live, fron
     shot = _screenshot(fe, "after_click.png")
     assert _yellow_near(shot, _to_screen(fe, node, rect, *CLICK)) > 20
     assert _yellow_near(shot, _to_screen(fe, node, rect, *HAND)) == 0
+    # Dragging the picture still moves the node and leaves the focus alone.
+    pos = fe.evaluate("(id) => [...app.graph.getNodeById(id).pos]", node)
+    for dx, dy in ((60, 40), (-60, -40)):
+        sx, sy = _to_screen(fe, node, rect, 0.6, 0.3)
+        fe.page.mouse.move(sx, sy)
+        fe.page.mouse.down()
+        for i in range(1, 7):
+            fe.page.mouse.move(sx + dx * i / 6, sy + dy * i / 6)
+        fe.page.mouse.up()
+        moved = fe.evaluate("(id) => [...app.graph.getNodeById(id).pos]", node)
+        expected = (dx / 0.8, dy / 0.8) if dx > 0 else (0, 0)  # screen px / canvas scale; then back
+        assert np.allclose(np.subtract(moved, pos), expected, atol=1.5), (moved, pos)
+        assert _widgets(fe, node) == values
     api = fe.evaluate("async () => (await app.graphToPrompt()).output")
     assert (api[str(node)]["inputs"]["x"], api[str(node)]["inputs"]["y"]) == (values["x"], values["y"])
 

@@ -38,6 +38,7 @@ __all__ = [
     "DOUBLE_BLOCK_LORA_MODULES",
     "SINGLE_BLOCK_LORA_MODULES",
     "adapter_scales",
+    "check_forward_inputs",
     "flux_forward",
     "lora_target_modules",
 ]
@@ -280,8 +281,8 @@ def _single_block(block: nn.Module, streams: list[_Stream], cache: _LayerCache |
         s.h = _clip(gate.unsqueeze(1) * _lin(block.proj_out, h, s.adapter) + s.h)
 
 
-def _check_forward_inputs(
-    transformer: nn.Module,
+def check_forward_inputs(
+    cfg: Any,
     latents: Tensor,
     latent_ids: Tensor,
     timestep: Tensor,
@@ -289,7 +290,12 @@ def _check_forward_inputs(
     pooled: Tensor,
     conditions: Sequence[ConditionTokens],
 ) -> None:
-    cfg = transformer.config
+    """Shapes of a FLUX forward's inputs against ``cfg`` (``in_channels``, ``joint_attention_dim``,
+    ``pooled_projection_dim``: a diffusers config or the native backend's dims).
+
+    Raises:
+        GenRefocusInputError: naming the input, the expected and the actual shape.
+    """
     if latents.ndim != 3 or latents.shape[2] != cfg.in_channels:
         raise GenRefocusInputError(
             f"latents must have shape (B, N, {cfg.in_channels}), got {tuple(latents.shape)}"
@@ -377,7 +383,7 @@ def flux_forward(
         >>> v.shape
         torch.Size([1, 4, 4])
     """
-    _check_forward_inputs(transformer, latents, latent_ids, timestep, prompt_embeds, pooled, conditions)
+    check_forward_inputs(transformer.config, latents, latent_ids, timestep, prompt_embeds, pooled, conditions)
     has_guidance = bool(transformer.config.guidance_embeds)
     if has_guidance and guidance is None:
         raise GenRefocusInputError(

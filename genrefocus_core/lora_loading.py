@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .errors import GenRefocusInputError, GenRefocusModelError
 from .flux_lora import _is_lora_layer, lora_target_modules
 from .memory import execution_device_dtype, is_group_offloaded
 
-__all__ = ["LoraInfo", "load_lora", "load_transformer"]
+__all__ = ["LoraInfo", "check_lora_keys", "load_lora", "load_transformer"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,41 @@ def _few(keys: Sequence[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + more
 
 
+def check_lora_keys(sd: Mapping[str, Tensor], targets: Sequence[str], file_name: str, model: str) -> None:
+    """Strict key check of a Genfocus LoRA file: ``transformer.<m>.lora_A/B.weight`` per target, no more.
+
+    Args:
+        sd: the file's state dict.
+        targets: the OminiControl target modules (:func:`~.flux_lora.lora_target_modules`).
+        file_name: for the message.
+        model: what the targets belong to, for the message (``"transformer"``, ``"FLUX"``).
+
+    Raises:
+        GenRefocusModelError: listing a few unexpected and missing keys.
+
+    Example:
+        >>> try:
+        ...     check_lora_keys({}, ["x_embedder"], "a.safetensors", "transformer")
+        ... except GenRefocusModelError as e:
+        ...     str(e).endswith("2 missing key(s): transformer.x_embedder.lora_A.weight, "
+        ...                     "transformer.x_embedder.lora_B.weight")
+        True
+    """
+    expected = {f"transformer.{m}.lora_{ab}.weight" for m in targets for ab in "AB"}
+    unexpected, missing = set(sd) - expected, expected - set(sd)
+    if unexpected or missing:
+        parts = []
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {_few(list(unexpected))}")
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {_few(list(missing))}")
+        raise GenRefocusModelError(
+            f"LoRA file {file_name!r} does not match the Genfocus format (keys "
+            f"transformer.<module>.lora_A/B.weight for the {len(targets)} OminiControl target modules "
+            f"of this {model}): " + "; ".join(parts)
+        )
+
+
 def load_lora(transformer: nn.Module, path: str | Path, adapter: str, *, replace: bool = False) -> LoraInfo:
     """Load an official Genfocus LoRA file as the named PEFT adapter ``adapter``, strictly.
 
@@ -148,19 +183,7 @@ def load_lora(transformer: nn.Module, path: str | Path, adapter: str, *, replace
     except Exception as e:  # safetensors raises its own error type for corrupt headers
         raise GenRefocusModelError(f"LoRA file {str(p)!r} is not a readable safetensors file: {e}") from e
     targets = lora_target_modules(transformer)
-    expected = {f"transformer.{m}.lora_{ab}.weight" for m in targets for ab in "AB"}
-    unexpected, missing = set(sd) - expected, expected - set(sd)
-    if unexpected or missing:
-        parts = []
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {_few(list(unexpected))}")
-        if missing:
-            parts.append(f"{len(missing)} missing key(s): {_few(list(missing))}")
-        raise GenRefocusModelError(
-            f"LoRA file {p.name!r} does not match the Genfocus format (keys "
-            f"transformer.<module>.lora_A/B.weight for the {len(targets)} OminiControl target modules "
-            "of this transformer): " + "; ".join(parts)
-        )
+    check_lora_keys(sd, targets, p.name, "transformer")
     modules = dict(transformer.named_modules())
     ranks: dict[str, int] = {}
     for m in targets:

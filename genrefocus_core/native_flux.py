@@ -37,7 +37,8 @@ from torch import Tensor
 
 from .conditions import ConditionTokens
 from .errors import GenRefocusInputError, GenRefocusModelError
-from .flux_lora import lora_target_modules
+from .flux_lora import check_forward_inputs, lora_target_modules
+from .lora_loading import check_lora_keys
 
 __all__ = [
     "AttentionFn",
@@ -261,11 +262,6 @@ def _get(root: Any, path: str) -> Any:
     return root
 
 
-def _few(keys: Sequence[str], n: int = 5) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
-
-
 def native_lora_from_state_dict(
     sd: Mapping[str, Tensor], flux: Any, adapter: str, *, name: str = "LoRA"
 ) -> NativeLora:
@@ -302,19 +298,7 @@ def native_lora_from_state_dict(
         transformer_blocks=list(flux.double_blocks), single_transformer_blocks=list(flux.single_blocks)
     )
     targets = lora_target_modules(shim)
-    expected = {f"transformer.{m}.lora_{ab}.weight" for m in targets for ab in "AB"}
-    unexpected, missing = set(sd) - expected, expected - set(sd)
-    if unexpected or missing:
-        parts = []
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {_few(list(unexpected))}")
-        if missing:
-            parts.append(f"{len(missing)} missing key(s): {_few(list(missing))}")
-        raise GenRefocusModelError(
-            f"LoRA file {name!r} does not match the Genfocus format (keys "
-            f"transformer.<module>.lora_A/B.weight for the {len(targets)} OminiControl target modules of "
-            "this FLUX): " + "; ".join(parts)
-        )
+    check_lora_keys(sd, targets, name, "FLUX")
     grouped: dict[str, list[tuple[int, int, Tensor, Tensor]]] = {}
     ranks: list[int] = []
     for m in targets:
@@ -645,32 +629,8 @@ def _check_inputs(
     conditions: Sequence[ConditionTokens],
     loras: Mapping[str, NativeLora],
 ) -> None:
-    if latents.ndim != 3 or latents.shape[2] != dims.in_channels:
-        raise GenRefocusInputError(
-            f"latents must have shape (B, N, {dims.in_channels}), got {tuple(latents.shape)}"
-        )
-    if latent_ids.shape != (latents.shape[1], 3):
-        raise GenRefocusInputError(
-            f"latent_ids must have shape ({latents.shape[1]}, 3), got {tuple(latent_ids.shape)}"
-        )
-    b = latents.shape[0]
-    if timestep.ndim != 1 or timestep.shape[0] not in (1, b):
-        raise GenRefocusInputError(f"timestep must have shape (1,) or ({b},), got {tuple(timestep.shape)}")
-    d_txt, d_pool = dims.joint_attention_dim, dims.pooled_projection_dim
-    if prompt_embeds.ndim != 3 or prompt_embeds.shape[0] not in (1, b) or prompt_embeds.shape[2] != d_txt:
-        raise GenRefocusInputError(
-            f"prompt_embeds must have shape (1 or {b}, L, {d_txt}), got {tuple(prompt_embeds.shape)}"
-        )
-    if pooled.ndim != 2 or pooled.shape[0] not in (1, b) or pooled.shape[1] != d_pool:
-        raise GenRefocusInputError(f"pooled must have shape (1 or {b}, {d_pool}), got {tuple(pooled.shape)}")
+    check_forward_inputs(dims, latents, latent_ids, timestep, prompt_embeds, pooled, conditions)
     for i, c in enumerate(conditions):
-        if not isinstance(c, ConditionTokens):
-            raise GenRefocusInputError(f"conditions[{i}] must be a ConditionTokens, got {type(c).__name__}")
-        if c.tokens.shape[0] not in (1, b) or c.tokens.shape[2] != dims.in_channels:
-            raise GenRefocusInputError(
-                f"conditions[{i}].tokens must have shape (1 or {b}, N, {dims.in_channels}), "
-                f"got {tuple(c.tokens.shape)}"
-            )
         if c.adapter is not None and c.adapter not in loras:
             raise GenRefocusModelError(
                 f"conditions[{i}] uses the LoRA adapter {c.adapter!r}, which is not loaded "

@@ -222,15 +222,21 @@ def _default(param: str, options: list[str]) -> str | None:
     return (files or options or [None])[0]
 
 
-def _genfocus_path(param: str, name: str) -> str | None:
-    """The file or folder for a combo value; checked against the current listing."""
+def genfocus_combo(param: str, tooltip: str) -> io.Combo.Input:
+    """A Genfocus file combo (current listing, the usual file name preselected) for a loader node."""
+    options = genfocus_options(param)
+    return io.Combo.Input(param, options=options, default=_default(param, options), tooltip=tooltip)
+
+
+def genfocus_path(param: str, name: str, node: str = PIPE_LOADER) -> str | None:
+    """The file or folder for a combo value; checked against the current listing (errors name ``node``)."""
     keys, _, hint = _SOURCES[param]
     options = genfocus_options(param)
     if name not in options:
         listed = ", ".join(o for o in options[:8] if o != NONE) or "none found"
         more = f" (+{len(options) - 8} more)" if len(options) > 8 else ""
         raise GenRefocusInputError(
-            f"[{PIPE_LOADER}] {param} must be one of the files found ({listed}{more}), got {name!r}; {hint}"
+            f"[{node}] {param} must be one of the files found ({listed}{more}), got {name!r}; {hint}"
         )
     if name == NONE:
         return None
@@ -243,7 +249,7 @@ def _genfocus_path(param: str, name: str) -> str | None:
         path = folder_paths.get_full_path(key, name)
         if path is not None:
             return path
-    raise GenRefocusInputError(f"[{PIPE_LOADER}] {param} {name!r} disappeared while loading; {hint}")
+    raise GenRefocusInputError(f"[{node}] {param} {name!r} disappeared while loading; {hint}")
 
 
 def _genfocus_dtype(dtype: str) -> torch.dtype:
@@ -377,10 +383,7 @@ def hold_with_comfy(pipe, device: torch.device, offload: torch.device) -> _HeldB
 class GenfocusModelLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        def combo(param: str, tooltip: str) -> io.Combo.Input:
-            options = genfocus_options(param)
-            return io.Combo.Input(param, options=options, default=_default(param, options), tooltip=tooltip)
-
+        combo = genfocus_combo
         return io.Schema(
             node_id="GenRefocus_ModelLoader",
             display_name=PIPE_LOADER,
@@ -429,7 +432,7 @@ class GenfocusModelLoader(io.ComfyNode):
         check_combo(PIPE_LOADER, "condition_cache", condition_cache, CONDITION_CACHE_MODES)
         names = dict(transformer=transformer, vae=vae, deblur_lora=deblur_lora, bokeh_lora=bokeh_lora,
                      pre_deblur_lora=pre_deblur_lora, prompts=prompts)
-        paths = {param: _genfocus_path(param, name) for param, name in names.items()}
+        paths = {param: genfocus_path(param, name) for param, name in names.items()}
         torch_dtype = _genfocus_dtype(dtype)
         compute, offload = mm.get_torch_device(), mm.unet_offload_device()
         mode = MemoryMode(auto_memory_mode(compute) if memory_mode == "auto" else memory_mode)

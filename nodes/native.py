@@ -30,7 +30,7 @@ from ..genrefocus_core.models import ADAPTER_BOKEH, ADAPTER_DEBLUR, ADAPTER_PRE_
 from ..genrefocus_core.native_flux import NativeLora, flux_dims, load_native_lora
 from ..genrefocus_core.native_pipeline import NativeModels
 from ..genrefocus_core.prompts import PromptEmbedding, load_prompt_embeddings
-from .loaders import NONE, _default, _genfocus_path, genfocus_options
+from .loaders import genfocus_combo, genfocus_path
 from .sockets import Pipe
 
 logger = logging.getLogger(__name__)
@@ -148,24 +148,10 @@ class NativePipe:
         return dataclasses.replace(self, prompts=dict(prompts))
 
 
-def _path(param: str, name: str) -> str | None:
-    options = genfocus_options(param)
-    if name not in options:
-        listed = ", ".join(o for o in options[:8] if o != NONE) or "none found"
-        raise GenRefocusInputError(
-            f"[{NATIVE_LOADER}] {param} must be one of the files found ({listed}), got {name!r}; put "
-            f"the Genfocus LoRAs ({_GENFOCUS_HF}) in models/loras/genfocus/ or models/genrefocus/"
-        )
-    return _genfocus_path(param, name)
-
-
 class NativeModelLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        def combo(param: str, tooltip: str) -> io.Combo.Input:
-            options = genfocus_options(param)
-            return io.Combo.Input(param, options=options, default=_default(param, options), tooltip=tooltip)
-
+        combo = genfocus_combo
         return io.Schema(
             node_id="GenRefocus_NativeModelLoader",
             display_name=NATIVE_LOADER,
@@ -205,7 +191,7 @@ class NativeModelLoader(io.ComfyNode):
         names = dict(
             deblur_lora=deblur_lora, bokeh_lora=bokeh_lora, pre_deblur_lora=pre_deblur_lora, prompts=prompts
         )
-        paths = {param: _path(param, name) for param, name in names.items()}
+        paths = {param: genfocus_path(param, name, NATIVE_LOADER) for param, name in names.items()}
         flux = getattr(getattr(model, "model", None), "diffusion_model", None)
         if flux is None or not hasattr(vae, "encode") or not hasattr(vae, "decode"):
             raise GenRefocusInputError(

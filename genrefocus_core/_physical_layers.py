@@ -333,6 +333,35 @@ def window_to_tiles(window: Tensor, cy: int, cx: int, frame: Frame,
     return slots, tiles[keep[:, 0], keep[:, 1]]
 
 
+def upsampled_tiles(coarse: Tensor, s: int, cy: int, cx: int, frame: Frame,
+                    key: int | slice = 3) -> tuple[Tensor, Tensor] | None:
+    """Bilinear ``x s`` upsampling of a level-``s`` window, produced directly as full-resolution tiles.
+
+    ``coarse`` ``(C, h, w)`` has its top-left cell at ``(cy, cx)`` of the level-``s`` grid; the
+    window must cover whole tiles (``cy``, ``cx``, ``h``, ``w`` multiples of ``TILE / s``) unless
+    ``s > TILE``. Equal to ``F.interpolate(coarse, scale_factor=s, mode="bilinear")`` (edges
+    clamped) cut by :func:`window_to_tiles`, without the full-resolution window: each tile is
+    interpolated from its cells and a one-cell halo (the source positions, and so the weights, are
+    the same). Tiles where channel(s) ``key`` are zero on all their cells are dropped.
+    """
+    if s > TILE:
+        up = F.interpolate(coarse[None], scale_factor=s, mode="bilinear", align_corners=False)[0]
+        return window_to_tiles(up, cy * s, cx * s, frame, key=key)
+    a = TILE // s  # cells per tile side
+    c, h, w = coarse.shape
+    ny_w, nx_w = h // a, w // a
+    padded = F.pad(coarse[None], (1, 1, 1, 1), mode="replicate")[0]  # clamped edges, as interpolate's
+    hh, ww = padded.shape[-2:]
+    windows = padded.as_strided((ny_w, nx_w, c, a + 2, a + 2), (a * ww, a, hh * ww, ww, 1))
+    live = windows[:, :, key].flatten(2).amax(dim=2) > 0
+    ky, kx = torch.nonzero(live, as_tuple=True)
+    if len(ky) == 0:
+        return None
+    up = F.interpolate(windows[ky, kx], scale_factor=s, mode="bilinear", align_corners=False)
+    nx = frame.beta.shape[1] // TILE
+    return (cy // a + ky) * nx + cx // a + kx, up[:, :, s:s + TILE, s:s + TILE]
+
+
 def _support(frame: Frame, index: int, kernels: Kernels) -> tuple[Tensor, Tensor, Tensor, int, bool] | None:
     """Full-resolution tiles of layer ``index``: those holding its pixels or its hidden surface.
 

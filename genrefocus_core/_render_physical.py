@@ -67,6 +67,7 @@ from ._physical_layers import (
     layer_window,
     level,
     prepare,
+    upsampled_tiles,
     window_to_tiles,
 )
 from .aperture import Aperture
@@ -122,9 +123,11 @@ class _Accumulator:
         self.cov = like.new_zeros(n, 1, TILE, TILE)
         self.occ = like.new_zeros(n, 1, TILE, TILE)
         self.pending: tuple[Tensor, Tensor] | None = None  # the previous layer's alpha tiles
+        self.touched = False  # anything added yet
 
     def add(self, slots: Tensor, rgba: Tensor, gain: Tensor | None = None) -> None:
         """Add tiles (each slot once: the indexed additions are deterministic on every device)."""
+        self.touched = True
         weight = (1.0 - self.occ.index_select(0, slots)).clamp_(0.0, 1.0)
         if gain is not None:
             weight = weight * gain
@@ -162,6 +165,8 @@ class _Group:
     def __init__(self, acc: _Accumulator, s: int) -> None:
         self.acc = acc
         self.s = s
+        #: nothing nearer was accumulated before the group (its layers come first)
+        self.front = not acc.touched and acc.pending is None
         occ = acc.occ_image()
         self.before = F.avg_pool2d(occ[None], s)[0]
         self.num = occ.new_zeros(3, *self.before.shape[-2:])
@@ -211,29 +216,40 @@ class _Group:
             self.occ[:, win[0], win[1]] += alpha
         self.pending = current
 
-    def merge(self) -> None:
-        """Bring the group to full resolution and into the accumulator."""
+    def merge(self, final: bool = False) -> None:
+        """Bring the group to full resolution and into the accumulator (``final``: no layer follows)."""
         acc, s = self.acc, self.s
         last = self.pending
         if self.box is not None:
             hh, ww = self.cov.shape[-2:]
             # the box and one empty cell around it, widened to whole full-resolution tiles (beyond
-            # the empty cell the upsampled layer is zero either way): cut into tiles without a copy
+            # the empty cell the upsampled layer is zero either way)
             a = max(1, TILE // s)
             y0, y1 = max(0, self.box[0] - 1) // a * a, min(hh, -(-(self.box[1] + 1) // a) * a)
             x0, x1 = max(0, self.box[2] - 1) // a * a, min(ww, -(-(self.box[3] + 1) // a) * a)
             win = (slice(None), slice(y0, y1), slice(x0, x1))
-            coarse = torch.cat([self.num[win], self.cov[win], self.occ[win], self.before[win]])
-            up = F.interpolate(coarse[None], scale_factor=s, mode="bilinear", align_corners=False)[0]
-            tiles = window_to_tiles(up, y0 * s, x0 * s, acc.frame, key=slice(3, 5))
+            # nothing before the group: exact and downsampled transmittance are both 1; nothing
+            # after it: its coverage occludes nothing
+            parts = [self.num[win], self.cov[win]]
+            if not final:
+                parts.append(self.occ[win])
+            if not self.front:
+                parts.append(self.before[win])
+            tiles = upsampled_tiles(torch.cat(parts), s, y0, x0, acc.frame, key=slice(3, 5 - final))
             if tiles is not None:
                 slots, t = tiles
-                exact = (1.0 - acc.occ.index_select(0, slots)).clamp_(0.0, 1.0)
-                approx = (1.0 - t[:, 5:6]).clamp_(0.0, 1.0)
-                gain = torch.where(approx > 1e-3, exact / approx.clamp_min(1e-3), 0.0)
-                acc.num.index_add_(0, slots, gain * t[:, :3])
-                acc.cov.index_add_(0, slots, gain * t[:, 3:4])
-                acc.occ.index_add_(0, slots, t[:, 4:5])
+                if self.front:
+                    acc.num.index_add_(0, slots, t[:, :3])
+                    acc.cov.index_add_(0, slots, t[:, 3:4])
+                else:
+                    exact = (1.0 - acc.occ.index_select(0, slots)).clamp_(0.0, 1.0)
+                    approx = (1.0 - t[:, -1:]).clamp_(0.0, 1.0)
+                    gain = torch.where(approx > 1e-3, exact / approx.clamp_min(1e-3), 0.0)
+                    acc.num.index_add_(0, slots, gain * t[:, :3])
+                    acc.cov.index_add_(0, slots, gain * t[:, 3:4])
+                if not final:
+                    acc.occ.index_add_(0, slots, t[:, 4:5])
+                acc.touched = True
         acc.pending = None
         if last is not None:  # the group's last layer occludes from the layer after the next on
             (ys, xs), alpha = last
@@ -279,7 +295,7 @@ def _render_one(lin: Tensor, coc: Tensor, aperture: Aperture | None, step: Calla
             group.add(layer_window(frame, index, s, kernels), s)
         step()
     if group is not None:
-        group.merge()
+        group.merge(final=True)
     return acc.image()
 
 

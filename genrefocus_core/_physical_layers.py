@@ -474,10 +474,15 @@ def _layer_tiled(frame: Frame, index: int, kernels: Kernels) -> tuple[Tensor, Te
     out_pos = torch.nonzero(grid >= 0)
     grid[out_pos[:, 0], out_pos[:, 1]] = torch.arange(len(out_pos), device=x.device)
     out = x.new_zeros(len(out_pos), 4, TILE, TILE)
-    pieces = ((-1, slice(0, r), slice(TILE - r, TILE)), (0, slice(r, TILE + r), slice(0, TILE)),
+    # the bodies first, copied onto their own (still empty) tiles; then the 2r-wide rims
+    body = slice(r, TILE + r)
+    out.index_copy_(0, grid[ty + 1, tx + 1], parts[:, :, body, body])
+    pieces = ((-1, slice(0, r), slice(TILE - r, TILE)), (0, body, slice(0, TILE)),
               (1, slice(TILE + r, TILE + 2 * r), slice(0, r)))
     for dy, src_y, dst_y in pieces:
         for dx, src_x, dst_x in pieces:
+            if dy == dx == 0:
+                continue
             # one target per patch and pass (distinct indices): deterministic on every device, and
             # a gather-add-scatter beats index_add_ into a strided view on CPU
             out[grid[ty + 1 + dy, tx + 1 + dx], :, dst_y, dst_x] += parts[:, :, src_y, src_x]

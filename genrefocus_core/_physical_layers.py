@@ -154,13 +154,13 @@ class Frame:
     """One image split into layers, padded to whole tiles (the padding holds no surface).
 
     A pixel between layers ``beta`` and ``beta + 1`` (its *bin*) belongs to layer ``beta`` with
-    share ``t`` and to ``beta + 1`` with ``u = 1 - t``.
+    share ``t`` and to ``beta + 1`` with ``u = 1 - t``. Tiles carry its position ``q = beta + u`` on
+    the layer axis instead: its share in layer ``l`` is the tent ``max(0, 1 - |q - l|)``.
     """
 
     lin: Tensor  # (3, H, W) linear colour
     beta: Tensor  # (H, W) int16 bin; nb + 1 in the padding (nb = len(radii) - 1 bins)
-    tile_beta: Tensor  # (H W / TILE^2, TILE, TILE): beta, tile-major (row-major tiles)
-    tile_data: Tensor  # (H W / TILE^2, 4, TILE, TILE): t and the colour, tile-major
+    tile_data: Tensor  # (H W / TILE^2, 4, TILE, TILE): q and the colour, tile-major (row-major tiles)
     radii: list[float]  # signed layer radii, descending
     r0: float
     boxes: list[tuple[int, int, int, int] | None]  # per bin: bounding box (y0, y1, x0, x1) or None
@@ -220,29 +220,40 @@ def prepare(lin: Tensor, coc: Tensor, r0: float) -> Frame:
         beta = F.pad(beta, (0, wp - w, 0, hp - h), value=nb + 1)
     presence = _tile_presence(beta, nb)
     below = presence.cummax(dim=0).values
-    beta = beta.to(torch.int16)
     ny, nx = hp // TILE, wp // TILE
-    tile_beta = beta.view(ny, TILE, nx, TILE).permute(0, 2, 1, 3).reshape(ny * nx, TILE, TILE)
-    data = torch.cat([t[None], lin])
+    # position on the layer axis; the padding sits at nb + 2, beyond every layer
+    data = torch.cat([(1.0 - t).add_(beta)[None], lin])
     tile_data = data.view(4, ny, TILE, nx, TILE).permute(1, 3, 0, 2, 4).reshape(ny * nx, 4, TILE, TILE)
-    return Frame(lin, beta, tile_beta, tile_data, radii, r0, boxes, presence, below,
+    return Frame(lin, beta.to(torch.int16), tile_data, radii, r0, boxes, presence, below,
                  max(c_max, 0.0), h, w, fill_cell)
 
 
-def _content(beta: Tensor, t: Tensor, u: Tensor, lin: Tensor, index: int, occluded: bool, nb: int) -> Tensor:
+def _occluder_share(q: Tensor, index: int, nb: int, out: Tensor) -> None:
+    """Channels 4 and 5 of :func:`_content` into ``out`` ``(..., 2, h, w)``.
+
+    A pixel at ``q <= index - 2`` lies in layers at least two nearer than ``index`` (they occlude
+    it), between ``index - 2`` and ``index - 1`` partly (share ``index - 1 - q``); the padding
+    beyond the image sits at ``nb + 2``.
+    """
+    occ = out[..., 0, :, :]
+    occ.copy_(q).sub_(index - 1.0).neg_().clamp_(0.0, 1.0)
+    out[..., 1, :, :] = q > nb + 1
+
+
+def _content(q: Tensor, lin: Tensor, index: int, occluded: bool, nb: int) -> Tensor:
     """Layer content at full resolution: premultiplied RGBA (channels 0-3).
 
     With ``occluded``, two more channels: the pixels' share in layers at least two layers nearer
-    (they occlude this one) and the padding beyond the image (``beta > nb``). Shapes: ``beta``,
-    ``t``, ``u`` ``(..., h, w)``, ``lin`` ``(..., 3, h, w)``; returns ``(..., 4 or 6, h, w)``.
+    (they occlude this one) and the padding beyond the image. Shapes: ``q`` (positions on the
+    layer axis, see :class:`Frame`) ``(..., h, w)``, ``lin`` ``(..., 3, h, w)``; returns
+    ``(..., 4 or 6, h, w)``.
     """
-    share = torch.where(beta == index, t, torch.where(beta == index - 1, u, 0.0))
     x = lin.new_empty(*lin.shape[:-3], 6 if occluded else 4, *lin.shape[-2:])
+    share = x[..., 3, :, :]
+    torch.sub(q, float(index), out=share).abs_().neg_().add_(1.0).clamp_(min=0.0)  # the tent
     torch.mul(lin, share.unsqueeze(-3), out=x[..., :3, :, :])
-    x[..., 3, :, :] = share
     if occluded:
-        x[..., 4, :, :] = torch.where(beta <= index - 3, 1.0, torch.where(beta == index - 2, t, 0.0))
-        x[..., 5, :, :] = beta > nb
+        _occluder_share(q, index, nb, x[..., 4:6, :, :])
     return x
 
 
@@ -430,19 +441,16 @@ def _tile_content(frame: Frame, flat: Tensor, index: int, occluded: bool, own: T
     nb = len(frame.radii) - 1
     if bool(own.all()):
         data = frame.tile_data.index_select(0, flat)
-        t = data[:, 0]
-        return _content(frame.tile_beta.index_select(0, flat), t, 1.0 - t, data[:, 1:], index, occluded, nb)
-    x = frame.tile_data.new_zeros(len(flat), 6, TILE, TILE)
+        return _content(data[:, 0], data[:, 1:], index, occluded, nb)
+    x = frame.tile_data.new_empty(len(flat), 6, TILE, TILE)
     mine = torch.nonzero(own).flatten()
     if len(mine):
-        x[mine] = _content(frame.tile_beta.index_select(0, flat[mine]), frame.tile_data[flat[mine], 0],
-                           1.0 - frame.tile_data[flat[mine], 0], frame.tile_data[flat[mine], 1:], index,
-                           True, nb)
+        data = frame.tile_data.index_select(0, flat[mine])
+        x.index_copy_(0, mine, _content(data[:, 0], data[:, 1:], index, True, nb))
     rest = torch.nonzero(~own).flatten()
-    beta = frame.tile_beta.index_select(0, flat[rest])
-    t = frame.tile_data[flat[rest], 0]
-    x[rest, 4] = torch.where(beta <= index - 3, 1.0, torch.where(beta == index - 2, t, 0.0))
-    x[rest, 5] = (beta > nb).to(x.dtype)
+    part = x.new_zeros(len(rest), 6, TILE, TILE)
+    _occluder_share(frame.tile_data[:, 0].index_select(0, flat[rest]), index, nb, part[:, 4:6])
+    x.index_copy_(0, rest, part)
     return x
 
 

@@ -139,10 +139,11 @@ class DefocusMapNode(io.ComfyNode):
                     "k",
                     default=20.0,
                     min=0.0,
-                    max=500.0,
+                    max=5000.0,
                     step=0.5,
                     tooltip="Blur strength. Metric depth: px*m, Genfocus' 0-50 slider (20 = demo "
-                    "default). Relative maps: the largest radius in px, as BokehMe (60).",
+                    "default; real lenses reach hundreds: 135 mm f/1.8 focused at 1.5 m on a 4K frame "
+                    "is ~590, see K from Camera). Relative maps: the largest radius in px, as BokehMe (60).",
                 ),
                 Focus.Input("focus", optional=True, tooltip="Where to focus; default: the image centre."),
                 io.Int.Input(

@@ -111,3 +111,13 @@ def test_k_from_camera_needs_metric_depth(nodes, errors):
     with pytest.raises(errors.GenRefocusInputError, match=r"^\[K from Camera\] focus must be on something"):
         nodes[K_NODE].execute(camera=cam, depth=far, focus=focus)
     assert math.isfinite(nodes[K_NODE].execute(camera=cam, depth=_metric_depth(nodes), focus=focus).result[0])
+
+
+def test_defocus_map_k_widget_admits_real_long_fast_lenses(nodes):
+    """A 135 mm f/1.8 portrait focused at 1.5 m on a 4K frame needs K ~ 590 px*m: typeable by hand."""
+    from genrefocus_core.camera import bokeh_k
+
+    k = bokeh_k(135.0, 1.8, 1.5, sensor_width_mm=36.0, image_width_px=3840)
+    assert k > 500.0  # the old slider limit
+    k_input = next(i for i in nodes["GenRefocus_DefocusMap"].define_schema().inputs if i.id == "k")
+    assert k_input.max >= k

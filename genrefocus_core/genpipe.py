@@ -20,30 +20,43 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ._checks import check_bchw, check_finite
+from ._generation import (
+    BOKEH_GUIDANCE,
+    BOKEH_NOISE_SEED,
+    CONDITION_SEED,
+    DEBLUR_GUIDANCE,
+    PRE_DEBLUR_DELTA,
+    ConditionInput,
+    GenerationResult,
+    bokeh_batch,
+    check_token_grid,
+    condition_tokens,
+    deblur_batch,
+    initial_latents,
+    sampling_plan,
+)
 from .condition_cache import CONDITION_CACHE_MODES, ConditionCache
 from .conditions import (
     ConditionTokens,
     ResizeInfo,
-    _pil_resize,
     decode_latents,
     encode_condition,
     latent_image_ids,
-    pack_latents,
     processed_size,
     resize_for_generation,
-    vae_input_from_image,
 )
 from .errors import GenRefocusInputError
 from .flux_lora import flux_forward
 from .memory import execution_device_dtype, place_adapters, should_tile_vae, vae_tiling
 from .prompts import PromptEmbedding
-from .sampler import FLUX_DEV_SHIFT, FlowShift, TileLayout, denoise, flow_sigmas, flux_mu, should_tile
+from .sampler import FLUX_DEV_SHIFT, FlowShift, denoise
 
 __all__ = [
     "BOKEH_GUIDANCE",
@@ -68,14 +81,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEBLUR_GUIDANCE = 3.5
-BOKEH_GUIDANCE = 1.0
-#: ``seed_everything(42)`` of the official scripts: DeblurNet noise and every posterior sample.
-CONDITION_SEED = 42
-#: ``torch.Generator().manual_seed(1234)`` of the official BokehNet script: its initial noise.
-BOKEH_NOISE_SEED = 1234
-#: Position offset (rows, columns in tokens) of the pre-deblurred condition.
-PRE_DEBLUR_DELTA = (0, 32)
+# DEBLUR_GUIDANCE, BOKEH_GUIDANCE, CONDITION_SEED, BOKEH_NOISE_SEED, PRE_DEBLUR_DELTA, ConditionInput and
+# GenerationResult live in ._generation (shared with the native backend) and are re-exported here.
 #: VAE tile side in px when the VAE runs tiled (``vae_tiling``), overlap 1/4.
 VAE_TILE = 1024
 
@@ -182,47 +189,6 @@ class GenerationOptions:
 FAST_OPTIONS = GenerationOptions(steps=12, condition_cache="on")
 
 
-@dataclass(frozen=True)
-class ConditionInput:
-    """A condition before encoding.
-
-    Attributes:
-        pixels: ``(1, 3, H, W)`` in [0, 1] at the processed size.
-        adapter: LoRA adapter of this stream.
-        position_delta: ``(d_row, d_col)`` id offset in tokens.
-        preprocess: ``True`` = images (``2x - 1``, channels-last like upstream's PIL path);
-            ``False`` = ``No_preprocess`` (the D_def map, fed to the VAE in [0, 1]).
-    """
-
-    pixels: Tensor
-    adapter: str
-    position_delta: tuple[int, int] = (0, 0)
-    preprocess: bool = True
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    """Output of a stage.
-
-    Attributes:
-        image: ``(B, 3, H, W)`` in [0, 1], rounded to 8-bit levels like the official PNG.
-        decoded: ``(B, 3, H, W)`` raw VAE output (about [-1, 1]).
-        latents: ``(B, N, 64)`` final packed latents.
-    """
-
-    image: Tensor
-    decoded: Tensor
-    latents: Tensor
-
-
-def _randn(
-    shape: tuple[int, ...], generator: torch.Generator, device: torch.device, dtype: torch.dtype
-) -> Tensor:
-    if generator.device.type == device.type:
-        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
-    return torch.randn(shape, generator=generator, device=generator.device).to(device=device, dtype=dtype)
-
-
 def _prompt(models: GenfocusModels, name: str, device: torch.device, dtype: torch.dtype) -> PromptEmbedding:
     if name not in models.prompts:
         raise GenRefocusInputError(
@@ -268,41 +234,12 @@ def generate_from_tokens(
     Raises:
         GenRefocusInputError: inconsistent sizes.
     """
-    if height % 16 or width % 16 or height < 16 or width < 16:
-        raise GenRefocusInputError(
-            f"height and width must be positive multiples of 16 px, got {height}x{width}"
-        )
-    h, w = height // 16, width // 16
-    if latents.ndim != 3 or latents.shape[1] != h * w:
-        raise GenRefocusInputError(
-            f"latents must have shape (B, {h * w}, C) for {height}x{width} px, got {tuple(latents.shape)}"
-        )
-    for i, c in enumerate(conditions):
-        if c.tokens.shape[1] != h * w:
-            raise GenRefocusInputError(
-                f"conditions[{i}] must have {h * w} tokens (the image's grid), got {c.tokens.shape[1]}"
-            )
+    h, w = check_token_grid(latents, conditions, height, width)
     device, dtype = _model_device_dtype(models)
     emb = _prompt(models, prompt, device, dtype)
-    tiled = should_tile(height, width, tiling=options.tiling, tile_size=options.tile_size)
-    tile = options.tile_size // 16
-    tiles = TileLayout(h, w, tile=tile, overlap=int(tile * options.tile_overlap)) if tiled else None
-    n_mu = h * w
-    if options.mu == "clamped":
-        n_mu = min(max(n_mu, models.shift.base_seq_len), models.shift.max_seq_len)
-    elif options.mu == "tile" and tiles is not None:
-        n_mu = tiles.tile_shape[0] * tiles.tile_shape[1]
-    sigmas = flow_sigmas(
-        options.steps, h * w, shift=models.shift, mu=flux_mu(n_mu, models.shift), device=device
-    )
-    logger.info(
-        "generating %dx%d px (%d tokens), %d steps, %s",
-        width,
-        height,
-        h * w,
-        options.steps,
-        tiles if tiles is not None else "untiled",
-    )
+    tiles, sigmas = sampling_plan(options, models.shift, height, width, device)
+    shown = tiles if tiles is not None else "untiled"
+    logger.info("generating %dx%d px (%d tokens), %d steps, %s", width, height, h * w, options.steps, shown)
 
     def velocity(
         x: Tensor,
@@ -374,19 +311,6 @@ def generate_from_tokens(
     return GenerationResult(image, decoded, final)
 
 
-def _generators(
-    options: GenerationOptions, device: torch.device, *, shared: bool, noise_seed: int
-) -> tuple[torch.Generator, torch.Generator]:
-    if options.noise == "seeded":
-        return (
-            torch.Generator("cpu").manual_seed(options.seed),
-            torch.Generator("cpu").manual_seed(options.seed + 1),
-        )
-    g_cond = torch.Generator(device).manual_seed(CONDITION_SEED)
-    g_noise = g_cond if shared else torch.Generator(device).manual_seed(noise_seed)
-    return g_noise, g_cond
-
-
 def generate(
     models: GenfocusModels,
     conditions: Sequence[ConditionInput],
@@ -432,33 +356,19 @@ def generate(
                 f"conditions[{i}].pixels must have shape (1, 3, {height}, {width}), "
                 f"got {tuple(c.pixels.shape)}"
             )
-    channels = models.transformer.config.in_channels // 4
-    shape = (1, channels, height // 8, width // 8)
-    if noise is None:
-        noise = _randn(shape, noise_generator, device, dtype)
-    elif tuple(noise.shape) != shape:
-        raise GenRefocusInputError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
-    latents = pack_latents(noise.to(device=device, dtype=dtype))
-    h, w = height // 16, width // 16
-    tokens = []
+    shape = (1, models.transformer.config.in_channels // 4, height // 8, width // 8)
+    latents = initial_latents(noise, shape, noise_generator, device, dtype)
+
+    def encode(x: Tensor, eps: Tensor | None) -> Tensor:
+        x = x.to(device=device, dtype=dtype)
+        return encode_condition(models.vae, x, mode=options.condition_latent, noise=eps)
+
     tiled_vae = should_tile_vae(height, width, options.vae_tiling)
     with torch.no_grad(), vae_tiling(models.vae, tiled_vae, VAE_TILE):
-        for i, c in enumerate(conditions):
-            # upstream normalises in float32, then casts to the pipeline dtype (layout preserved)
-            x = vae_input_from_image(c.pixels.float(), normalize=c.preprocess, channels_last=c.preprocess)
-            x = x.to(device=device, dtype=dtype)
-            eps = None
-            if options.condition_latent == "sample":
-                eps = _randn(
-                    (shape[0], models.vae.config.latent_channels, *shape[2:]),
-                    condition_generator,
-                    device,
-                    dtype,
-                )
-            tok = encode_condition(models.vae, x, mode=options.condition_latent, noise=eps)
-            tokens.append(ConditionTokens.on_grid(tok, h, w, c.adapter, c.position_delta))
-            if trace is not None:
-                trace[f"cond{i}_input"] = c.pixels
+        channels = models.vae.config.latent_channels
+        tokens = condition_tokens(conditions, encode, channels, options, condition_generator, device, dtype)
+    if trace is not None:
+        trace.update({f"cond{i}_input": c.pixels for i, c in enumerate(conditions)})
     return generate_from_tokens(
         models,
         latents,
@@ -470,15 +380,6 @@ def generate(
         options=options,
         on_step=on_step,
         trace=trace,
-    )
-
-
-def _per_image(fn: Callable[[int], GenerationResult], batch: int) -> GenerationResult:
-    results = [fn(i) for i in range(batch)]
-    if batch == 1:
-        return results[0]
-    return GenerationResult(
-        *(torch.cat([getattr(r, f) for r in results]) for f in ("image", "decoded", "latents"))
     )
 
 
@@ -525,33 +426,9 @@ def deblur(
             raise GenRefocusInputError(
                 f"pre_deblurred must have batch size 1 or {image.shape[0]}, got {pre_deblurred.shape[0]}"
             )
-
-    def one(i: int) -> GenerationResult:
-        img = image[i : i + 1]
-        conds = [ConditionInput(img, adapter, (0, 0))]
-        if variant:
-            h, w = img.shape[-2:]
-            if pre_deblurred is None:
-                pre = torch.zeros_like(img)
-            else:
-                pre = pre_deblurred[min(i, pre_deblurred.shape[0] - 1) :][:1]
-                # parity: upstream always LANCZOS-resizes the pre-deblurred image to the processed size
-                pre = _pil_resize(pre, (int(w), int(h)))
-            conds = [ConditionInput(pre, adapter, PRE_DEBLUR_DELTA), conds[0]]
-        g_noise, g_cond = _generators(options, device, shared=True, noise_seed=CONDITION_SEED)
-        return generate(
-            models,
-            conds,
-            prompt="deblur",
-            guidance=DEBLUR_GUIDANCE,
-            noise_generator=g_noise,
-            condition_generator=g_cond,
-            options=options,
-            on_step=on_step,
-            trace=trace,
-        )
-
-    return _per_image(one, image.shape[0])
+    run = partial(generate, models, trace=trace)
+    return deblur_batch(run, image, device, adapter=adapter, pre_deblurred=pre_deblurred, variant=variant,
+                        options=options, on_step=on_step)
 
 
 def bokeh(
@@ -604,29 +481,9 @@ def bokeh(
             f"{float(defocus.max()):g}]"
         )
     device, _ = _model_device_dtype(models)
-
-    def one(i: int) -> GenerationResult:
-        d = defocus[min(i, defocus.shape[0] - 1) :][:1]
-        d = d.expand(-1, 3, -1, -1) if d.shape[1] == 1 else d
-        conds = [
-            ConditionInput(image[i : i + 1], adapter, (0, 0)),
-            ConditionInput(d.contiguous(), adapter, (0, 0), preprocess=False),
-        ]
-        g_noise, g_cond = _generators(options, device, shared=False, noise_seed=BOKEH_NOISE_SEED)
-        return generate(
-            models,
-            conds,
-            prompt="bokeh",
-            guidance=BOKEH_GUIDANCE,
-            noise_generator=g_noise,
-            condition_generator=g_cond,
-            noise=noise,
-            options=options,
-            on_step=on_step,
-            trace=trace,
-        )
-
-    return _per_image(one, image.shape[0])
+    run = partial(generate, models, trace=trace)
+    return bokeh_batch(run, image, defocus, device, adapter=adapter, noise=noise, options=options,
+                       on_step=on_step)
 
 
 def _check_size16(name: str, x: Tensor) -> None:

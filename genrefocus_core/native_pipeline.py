@@ -18,42 +18,42 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
+from ._generation import (
+    ConditionInput,
+    GenerationResult,
+    bokeh_batch,
+    check_token_grid,
+    condition_tokens,
+    deblur_batch,
+    initial_latents,
+    sampling_plan,
+)
 from .conditions import (
     ConditionTokens,
     ResizeInfo,
-    _pil_resize,
     encode_condition,
     latent_image_ids,
     pack_latents,
     resize_for_generation,
     unpack_latents,
-    vae_input_from_image,
 )
 from .defocus import DefocusMap, FocusTarget, defocus_condition_map, defocus_map, resize_like, signed_coc
 from .depth import DepthMap
 from .depth_models import DepthModel
 from .errors import GenRefocusInputError, GenRefocusModelError
-from .genpipe import (
-    BOKEH_GUIDANCE,
-    BOKEH_NOISE_SEED,
-    CONDITION_SEED,
-    DEBLUR_GUIDANCE,
-    PRE_DEBLUR_DELTA,
-    ConditionInput,
-    GenerationOptions,
-    GenerationResult,
-)
+from .genpipe import GenerationOptions
 from .geometry import depth_to_processed, focus_to_processed, frame_focus, restore_input_size, to_processed
 from .models import ADAPTER_BOKEH, ADAPTER_DEBLUR, ADAPTER_PRE_DEBLUR, LORA_FILES
 from .native_flux import AttentionFn, NativeLora, flux_dims, native_flux_forward
 from .pipeline import DEFAULT_OPTIONS, RefocusResult, check_inputs
 from .prompts import PromptEmbedding
-from .sampler import FLUX_DEV_SHIFT, FlowShift, TileLayout, denoise, flow_sigmas, flux_mu, should_tile
+from .sampler import FLUX_DEV_SHIFT, FlowShift, TileLayout, denoise, should_tile
 
 __all__ = [
     "DiffusersVaeCodec",
@@ -224,20 +224,7 @@ def native_generate_from_tokens(
         torch.Size([1, 1536, 64])
     """
     _require(models, prompt=prompt)
-    if height % 16 or width % 16 or height < 16 or width < 16:
-        raise GenRefocusInputError(
-            f"height and width must be positive multiples of 16 px, got {height}x{width}"
-        )
-    h, w = height // 16, width // 16
-    if latents.ndim != 3 or latents.shape[1] != h * w:
-        raise GenRefocusInputError(
-            f"latents must have shape (B, {h * w}, C) for {height}x{width} px, got {tuple(latents.shape)}"
-        )
-    for i, c in enumerate(conditions):
-        if c.tokens.shape[1] != h * w:
-            raise GenRefocusInputError(
-                f"conditions[{i}] must have {h * w} tokens (the image's grid), got {c.tokens.shape[1]}"
-            )
+    h, w = check_token_grid(latents, conditions, height, width)
     cache = getattr(options, "condition_cache", None)
     if cache not in (None, "off"):
         raise GenRefocusInputError(
@@ -245,26 +232,10 @@ def native_generate_from_tokens(
         )
     device, dtype = torch.device(models.device), models.dtype
     emb = models.prompts[prompt].to(device=device, dtype=dtype)
-    tiled = should_tile(height, width, tiling=options.tiling, tile_size=options.tile_size)
-    tile = options.tile_size // 16
-    tiles = TileLayout(h, w, tile=tile, overlap=int(tile * options.tile_overlap)) if tiled else None
-    n_mu = h * w
-    if options.mu == "clamped":
-        n_mu = min(max(n_mu, models.shift.base_seq_len), models.shift.max_seq_len)
-    elif options.mu == "tile" and tiles is not None:
-        n_mu = tiles.tile_shape[0] * tiles.tile_shape[1]
-    sigmas = flow_sigmas(
-        options.steps, h * w, shift=models.shift, mu=flux_mu(n_mu, models.shift), device=device
-    )
+    tiles, sigmas = sampling_plan(options, models.shift, height, width, device)
     g = guidance if flux_dims(models.flux).guidance_embeds else None
-    logger.info(
-        "native: %dx%d px (%d tokens), %d steps, %s",
-        width,
-        height,
-        h * w,
-        options.steps,
-        tiles if tiles is not None else "untiled",
-    )
+    shown = tiles if tiles is not None else "untiled"
+    logger.info("native: %dx%d px (%d tokens), %d steps, %s", width, height, h * w, options.steps, shown)
 
     def velocity(x: Tensor, ids: Tensor, conds: Sequence[ConditionTokens], t: Tensor) -> Tensor:
         return native_flux_forward(
@@ -302,27 +273,6 @@ def native_generate_from_tokens(
         image = models.codec.decode(unpack_latents(final, height, width)).float()
     image = torch.round(image.clamp(0, 1) * 255.0) / 255.0
     return GenerationResult(image, image * 2 - 1, final)
-
-
-def _randn(
-    shape: tuple[int, ...], generator: torch.Generator, device: torch.device, dtype: torch.dtype
-) -> Tensor:
-    # parity: genpipe draws on the generator's device, then moves (the official recipe on CPU/CUDA)
-    if generator.device.type == device.type:
-        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
-    return torch.randn(shape, generator=generator, device=generator.device).to(device=device, dtype=dtype)
-
-
-def _generators(
-    options: GenerationOptions, device: torch.device, *, shared: bool, noise_seed: int
-) -> tuple[torch.Generator, torch.Generator]:
-    """The reference backend's RNG recipe (genpipe): official seeds, or CPU generators from ``seed``."""
-    if options.noise == "seeded":
-        return torch.Generator("cpu").manual_seed(options.seed), torch.Generator("cpu").manual_seed(
-            options.seed + 1
-        )
-    g_cond = torch.Generator(device).manual_seed(CONDITION_SEED)
-    return (g_cond if shared else torch.Generator(device).manual_seed(noise_seed)), g_cond
 
 
 def native_generate(
@@ -366,20 +316,13 @@ def native_generate(
             )
         _require(models, adapter=c.adapter)
     shape = (1, flux_dims(models.flux).in_channels // 4, height // 8, width // 8)
-    if noise is None:
-        noise = _randn(shape, noise_generator, device, dtype)
-    elif tuple(noise.shape) != shape:
-        raise GenRefocusInputError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
-    latents = pack_latents(noise.to(device=device, dtype=dtype))
-    tokens = []
-    for c in conditions:
-        x = vae_input_from_image(c.pixels.float(), normalize=c.preprocess, channels_last=c.preprocess)
-        eps = None
-        if options.condition_latent == "sample":
-            eps = _randn((1, models.codec.latent_channels, *shape[2:]), condition_generator, device, dtype)
-        z = models.codec.encode(x, eps)
-        tok = pack_latents(z.to(device=device, dtype=dtype))
-        tokens.append(ConditionTokens.on_grid(tok, height // 16, width // 16, c.adapter, c.position_delta))
+    latents = initial_latents(noise, shape, noise_generator, device, dtype)
+
+    def encode(x: Tensor, eps: Tensor | None) -> Tensor:
+        return pack_latents(models.codec.encode(x, eps).to(device=device, dtype=dtype))
+
+    channels = models.codec.latent_channels
+    tokens = condition_tokens(conditions, encode, channels, options, condition_generator, device, dtype)
     return native_generate_from_tokens(
         models,
         latents,
@@ -390,15 +333,6 @@ def native_generate(
         guidance=guidance,
         options=options,
         on_step=on_step,
-    )
-
-
-def _per_image(fn: Callable[[int], GenerationResult], batch: int) -> GenerationResult:
-    results = [fn(i) for i in range(batch)]
-    if batch == 1:
-        return results[0]
-    return GenerationResult(
-        *(torch.cat([getattr(r, f) for r in results]) for f in ("image", "decoded", "latents"))
     )
 
 
@@ -433,31 +367,8 @@ def native_deblur(
         >>> aif = native_deblur(models, photo_512x768).image  # doctest: +SKIP
     """
     variant = pre_deblur_variant or pre_deblurred is not None
-    device = torch.device(models.device)
-
-    def one(i: int) -> GenerationResult:
-        img = image[i : i + 1]
-        conds = [ConditionInput(img, adapter, (0, 0))]
-        if variant:
-            h, w = img.shape[-2:]
-            if pre_deblurred is None:
-                pre = torch.zeros_like(img)
-            else:
-                pre = _pil_resize(pre_deblurred[min(i, pre_deblurred.shape[0] - 1) :][:1], (int(w), int(h)))
-            conds = [ConditionInput(pre, adapter, PRE_DEBLUR_DELTA), conds[0]]
-        g_noise, g_cond = _generators(options, device, shared=True, noise_seed=CONDITION_SEED)
-        return native_generate(
-            models,
-            conds,
-            prompt="deblur",
-            guidance=DEBLUR_GUIDANCE,
-            noise_generator=g_noise,
-            condition_generator=g_cond,
-            options=options,
-            on_step=on_step,
-        )
-
-    return _per_image(one, image.shape[0])
+    return deblur_batch(partial(native_generate, models), image, torch.device(models.device), adapter=adapter,
+                        pre_deblurred=pre_deblurred, variant=variant, options=options, on_step=on_step)
 
 
 def native_bokeh(
@@ -490,29 +401,8 @@ def native_bokeh(
     Example:
         >>> out = native_bokeh(models, aif, d_def).image  # doctest: +SKIP
     """
-    device = torch.device(models.device)
-
-    def one(i: int) -> GenerationResult:
-        d = defocus[min(i, defocus.shape[0] - 1) :][:1]
-        d = d.expand(-1, 3, -1, -1) if d.shape[1] == 1 else d
-        conds = [
-            ConditionInput(image[i : i + 1], adapter, (0, 0)),
-            ConditionInput(d.contiguous(), adapter, (0, 0), preprocess=False),
-        ]
-        g_noise, g_cond = _generators(options, device, shared=False, noise_seed=BOKEH_NOISE_SEED)
-        return native_generate(
-            models,
-            conds,
-            prompt="bokeh",
-            guidance=BOKEH_GUIDANCE,
-            noise_generator=g_noise,
-            condition_generator=g_cond,
-            noise=noise,
-            options=options,
-            on_step=on_step,
-        )
-
-    return _per_image(one, image.shape[0])
+    return bokeh_batch(partial(native_generate, models), image, defocus, torch.device(models.device),
+                       adapter=adapter, noise=noise, options=options, on_step=on_step)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -34,26 +34,18 @@ from ._generation import (
     initial_latents,
     sampling_plan,
 )
-from .conditions import (
-    ConditionTokens,
-    ResizeInfo,
-    encode_condition,
-    latent_image_ids,
-    pack_latents,
-    resize_for_generation,
-    unpack_latents,
-)
-from .defocus import DefocusMap, FocusTarget, defocus_condition_map, defocus_map, resize_like, signed_coc
+from ._stages import Backend, RefocusResult, run_stages
+from .conditions import ConditionTokens, encode_condition, latent_image_ids, pack_latents, unpack_latents
+from .defocus import DefocusMap, FocusTarget
 from .depth import DepthMap
 from .depth_models import DepthModel
 from .errors import GenRefocusInputError, GenRefocusModelError
 from .genpipe import GenerationOptions
-from .geometry import depth_to_processed, focus_to_processed, frame_focus, restore_input_size, to_processed
-from .models import ADAPTER_BOKEH, ADAPTER_DEBLUR, ADAPTER_PRE_DEBLUR, LORA_FILES
+from .models import ADAPTER_BOKEH, ADAPTER_DEBLUR, LORA_FILES
 from .native_flux import AttentionFn, NativeLora, flux_dims, native_flux_forward
-from .pipeline import DEFAULT_OPTIONS, RefocusResult, check_inputs
+from .pipeline import DEFAULT_OPTIONS, check_inputs
 from .prompts import PromptEmbedding
-from .sampler import FLUX_DEV_SHIFT, FlowShift, TileLayout, denoise, should_tile
+from .sampler import FLUX_DEV_SHIFT, FlowShift, denoise
 
 __all__ = [
     "DiffusersVaeCodec",
@@ -410,140 +402,14 @@ def native_bokeh(
 # ------------------------------------------------------------------------------------------------
 
 
-def _forwards(height: int, width: int, options: GenerationOptions) -> int:
-    if not should_tile(height, width, tiling=options.tiling, tile_size=options.tile_size):
-        return options.steps
-    t = options.tile_size // 16
-    return options.steps * len(
-        TileLayout(height // 16, width // 16, tile=t, overlap=int(t * options.tile_overlap))
+def _backend(models: NativeModels) -> Backend:
+    return Backend(
+        check=check_inputs,  # without the models: _require checks them, once the stage is known to run
+        deblur=partial(native_deblur, models),
+        bokeh=partial(native_bokeh, models),
+        require=partial(_require, models),
+        report_depth=False,
     )
-
-
-class _Progress:
-    """One ``on_step(done, total)`` across frames and stages."""
-
-    def __init__(self, total: int, on_step: OnStep | None) -> None:
-        self.total, self.done, self.on_step = max(int(total), 1), 0, on_step
-
-    def stage(self, units: int) -> OnStep | None:
-        base, self.done = self.done, self.done + units
-        if self.on_step is None:
-            return None
-        cb = self.on_step
-        return lambda done, _n: cb(min(base + done, self.total), self.total)
-
-    def tick(self) -> None:
-        self.done += 1
-        if self.on_step is not None:
-            self.on_step(min(self.done, self.total), self.total)
-
-
-def _deblur_frames(
-    models: NativeModels,
-    image: Tensor,
-    *,
-    pre_deblurred: Tensor | None,
-    variant: bool,
-    long_side: int,
-    geometry: str,
-    options: GenerationOptions,
-    progress: _Progress,
-) -> Tensor:
-    adapter = ADAPTER_PRE_DEBLUR if variant else ADAPTER_DEBLUR
-    if pre_deblurred is not None and geometry == "aligned" and pre_deblurred.shape[-2:] == image.shape[-2:]:
-        pre_deblurred = resize_for_generation(pre_deblurred.float(), long_side)[0]
-    processed = resize_for_generation(image.float(), long_side)[0]
-    h, w = processed.shape[-2:]
-    out = []
-    for i in range(processed.shape[0]):
-        pre = None if pre_deblurred is None else pre_deblurred[min(i, pre_deblurred.shape[0] - 1) :][:1]
-        res = native_deblur(
-            models,
-            processed[i : i + 1],
-            adapter=adapter,
-            pre_deblurred=pre,
-            pre_deblur_variant=variant,
-            options=options,
-            on_step=progress.stage(_forwards(int(h), int(w), options)),
-        )
-        out.append(res.image.to(image.device))
-    return torch.cat(out)
-
-
-def _frame_map(disparity: Tensor, i: int, like: Tensor) -> Tensor:
-    return disparity[min(i, disparity.shape[0] - 1) :][:1].to(like)
-
-
-def _bokeh_frames(
-    models: NativeModels,
-    aif: Tensor,
-    info: ResizeInfo,
-    *,
-    input_size: tuple[int, int],
-    depth_model: DepthModel | None,
-    depth: DepthMap | None,
-    defocus: DefocusMap | None,
-    focus: FocusTarget | None,
-    k: float,
-    geometry: str,
-    options: GenerationOptions,
-    progress: _Progress,
-) -> tuple[Tensor, Tensor, DefocusMap]:
-    """BokehNet over the frames of a processed-size AIF (as pipeline.py); returns (image, D_def, coc)."""
-    b, _, h, w = aif.shape
-    given = None if depth is None else depth_to_processed(depth, info, geometry)
-    target = focus_to_processed(focus or FocusTarget("center"), info, geometry)
-    images, d_defs, cocs = [], [], []
-    for i in range(b):
-        frame = aif[i : i + 1]
-        if defocus is not None:
-            disp = _frame_map(defocus.disparity, i, aif)
-            if tuple(disp.shape[-2:]) != (h, w):
-                if tuple(disp.shape[-2:]) != input_size:
-                    raise GenRefocusInputError(
-                        f"defocus.disparity must have the size of the coc map, got {tuple(disp.shape[-2:])}"
-                    )
-                disp = resize_like(disp, (h, w)) if geometry == "official" else to_processed(disp, info)
-            fd = defocus.focus_disparity.flatten()
-            fd = fd[min(i, fd.numel() - 1) :][:1].to(aif)
-            dm = DefocusMap(signed_coc(disp, fd, defocus.k), disp, defocus.k, fd, defocus.metric)
-        else:
-            if given is None:
-                dmap = depth_model.estimate(frame)
-                progress.tick()
-                disp, metric = dmap.disparity, dmap.metric
-            else:
-                disp, metric = _frame_map(given.disparity, i, aif), given.metric
-            dm = defocus_map(disp, frame_focus(target, i), k, metric=metric)
-        d_def = defocus_condition_map(dm.coc)
-        res = native_bokeh(
-            models, frame, d_def, options=options, on_step=progress.stage(_forwards(h, w, options))
-        )
-        images.append(res.image.to(aif.device))
-        d_defs.append(d_def)
-        cocs.append(dm)
-    coc = DefocusMap(
-        torch.cat([c.coc for c in cocs]),
-        torch.cat([c.disparity for c in cocs]),
-        cocs[0].k,
-        torch.cat([c.focus_disparity.flatten() for c in cocs]),
-        cocs[0].metric,
-    )
-    return torch.cat(images), torch.cat(d_defs), coc
-
-
-def _finish(
-    image: Tensor,
-    aif: Tensor,
-    info: ResizeInfo,
-    restore_size: bool,
-    defocus: Tensor | None = None,
-    coc: DefocusMap | None = None,
-) -> RefocusResult:
-    if restore_size:
-        image = restore_input_size(image, info)
-        aif = image if aif is image else restore_input_size(aif, info)
-    return RefocusResult(image, aif, defocus, coc, None, info)
 
 
 def native_deblur_image(
@@ -569,29 +435,9 @@ def native_deblur_image(
         >>> out.image.shape == photo.shape  # doctest: +SKIP
         True
     """
-    info = check_inputs(
-        image,
-        stage="deblur",
-        options=options,
-        pre_deblurred=pre_deblurred,
-        pre_deblur_variant=pre_deblur_variant,
-        long_side=long_side,
-        geometry=geometry,
-    )
-    variant = pre_deblur_variant or pre_deblurred is not None
-    _require(models, ADAPTER_PRE_DEBLUR if variant else ADAPTER_DEBLUR, "deblur")
-    progress = _Progress(image.shape[0] * _forwards(info.size[1], info.size[0], options), on_step)
-    aif = _deblur_frames(
-        models,
-        image,
-        pre_deblurred=pre_deblurred,
-        variant=variant,
-        long_side=long_side,
-        geometry=geometry,
-        options=options,
-        progress=progress,
-    )
-    return _finish(aif, aif, info, restore_size)
+    return run_stages(_backend(models), "deblur", image, options=options, pre_deblurred=pre_deblurred,
+                      pre_deblur_variant=pre_deblur_variant, long_side=long_side, geometry=geometry,
+                      restore_size=restore_size, on_step=on_step)
 
 
 def native_bokeh_image(
@@ -618,39 +464,9 @@ def native_bokeh_image(
     Example:
         >>> out = native_bokeh_image(aif, models=models, defocus=coc_map)  # doctest: +SKIP
     """
-    info = check_inputs(
-        aif,
-        stage="bokeh",
-        k=k,
-        options=options,
-        depth_model=depth_model,
-        depth=depth,
-        defocus=defocus,
-        focus=focus,
-        long_side=long_side,
-        geometry=geometry,
-    )
-    processed = resize_for_generation(aif.float(), long_side)[0]
-    if (defocus.k if defocus is not None else k) == 0:
-        return _finish(processed, processed, info, restore_size)
-    _require(models, ADAPTER_BOKEH, "bokeh")
-    h, w = info.size[1], info.size[0]
-    progress = _Progress(aif.shape[0] * (_forwards(h, w, options) + (depth_model is not None)), on_step)
-    image, d_def, coc = _bokeh_frames(
-        models,
-        processed,
-        info,
-        input_size=tuple(aif.shape[-2:]),
-        depth_model=depth_model,
-        depth=depth,
-        defocus=defocus,
-        focus=focus,
-        k=k,
-        geometry=geometry,
-        options=options,
-        progress=progress,
-    )
-    return _finish(image, processed, info, restore_size, d_def, coc)
+    return run_stages(_backend(models), "bokeh", aif, depth_model=depth_model, depth=depth, defocus=defocus,
+                      focus=focus, k=k, options=options, long_side=long_side, geometry=geometry,
+                      restore_size=restore_size, on_step=on_step)
 
 
 def native_refocus(
@@ -681,51 +497,7 @@ def native_refocus(
         >>> out = native_refocus(photo, models=models, depth=depth, k=20.0,
         ...                      focus=FocusTarget("point", x=0.3, y=0.6))  # doctest: +SKIP
     """
-    info = check_inputs(
-        image,
-        stage="refocus",
-        k=k,
-        options=options,
-        depth_model=depth_model,
-        depth=depth,
-        focus=focus,
-        pre_deblurred=pre_deblurred,
-        pre_deblur_variant=pre_deblur_variant,
-        long_side=long_side,
-        geometry=geometry,
-    )
-    variant = pre_deblur_variant or pre_deblurred is not None
-    _require(models, ADAPTER_PRE_DEBLUR if variant else ADAPTER_DEBLUR, "deblur")
-    if k > 0:
-        _require(models, ADAPTER_BOKEH, "bokeh")
-    h, w = info.size[1], info.size[0]
-    fw = _forwards(h, w, options)
-    units = fw if k == 0 else 2 * fw + (depth_model is not None)
-    progress = _Progress(image.shape[0] * units, on_step)
-    aif = _deblur_frames(
-        models,
-        image,
-        pre_deblurred=pre_deblurred,
-        variant=variant,
-        long_side=long_side,
-        geometry=geometry,
-        options=options,
-        progress=progress,
-    )
-    if k == 0:
-        return _finish(aif, aif, info, restore_size)
-    out, d_def, coc = _bokeh_frames(
-        models,
-        aif,
-        info,
-        input_size=tuple(image.shape[-2:]),
-        depth_model=depth_model,
-        depth=depth,
-        defocus=None,
-        focus=focus,
-        k=k,
-        geometry=geometry,
-        options=options,
-        progress=progress,
-    )
-    return _finish(out, aif, info, restore_size, d_def, coc)
+    return run_stages(_backend(models), "refocus", image, depth_model=depth_model, depth=depth, focus=focus,
+                      k=k, options=options, pre_deblurred=pre_deblurred,
+                      pre_deblur_variant=pre_deblur_variant, long_side=long_side, geometry=geometry,
+                      restore_size=restore_size, on_step=on_step)

@@ -30,29 +30,22 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from functools import partial
 
-import torch
+import torch  # noqa: F401  (used by the doctests)
 from torch import Tensor
 
 from ._checks import check_bchw, check_finite, check_number
-from .conditions import ResizeInfo, processed_size, resize_for_generation
-from .defocus import DefocusMap, FocusTarget, defocus_condition_map, defocus_map, resize_like, signed_coc
+from ._stages import Backend, RefocusResult, run_stages
+from .conditions import ResizeInfo, processed_size
+from .defocus import DefocusMap, FocusTarget
 from .depth import DepthMap
 from .depth_models import DepthModel
 from .errors import GenRefocusInputError, GenRefocusModelError
 from .genpipe import GenerationOptions, GenfocusModels, bokeh, deblur
-from .geometry import (
-    GEOMETRIES,
-    depth_to_processed,
-    focus_to_processed,
-    frame_focus,
-    restore_input_size,
-    to_processed,
-)
+from .geometry import GEOMETRIES, restore_input_size
 from .memory import execution_device_dtype
 from .models import ADAPTER_BOKEH, ADAPTER_DEBLUR, ADAPTER_PRE_DEBLUR, LORA_FILES, load_genfocus_models
-from .sampler import TileLayout, should_tile
 
 __all__ = [
     "ADAPTER_BOKEH",
@@ -84,32 +77,6 @@ _RANGE_SLACK = 1e-3
 DEFAULT_OPTIONS = GenerationOptions()
 
 OnStep = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class RefocusResult:
-    """What a pipeline run produced.
-
-    Attributes:
-        image: ``(B, 3, H, W)`` in [0, 1]: the refocused image (the all-in-focus image when K = 0
-            or for :func:`deblur_image`), at the processed size, or the input size with
-            ``restore_size``.
-        aif: ``(B, 3, H, W)`` the all-in-focus image (DeblurNet's output, or the given AIF after
-            resizing), same size as ``image``.
-        defocus: ``(B, 1, h, w)`` the Genfocus map D_def in [0, 1] at the processed size, or None
-            when BokehNet did not run.
-        coc: the signed CoC map at the processed size, or None when BokehNet did not run.
-        depth: the disparity used, at the processed size, or None when none was needed.
-        info: the resize applied (processed size, crop); undo it with
-            :func:`~genrefocus_core.geometry.restore_input_size`.
-    """
-
-    image: Tensor
-    aif: Tensor
-    defocus: Tensor | None
-    coc: DefocusMap | None
-    depth: DepthMap | None
-    info: ResizeInfo
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,50 +241,8 @@ def check_inputs(
 
 
 # ------------------------------------------------------------------------------------------------
-# Progress
+# The reference backend's stages (the stage order itself: _stages.run_stages, shared with native_pipeline)
 # ------------------------------------------------------------------------------------------------
-
-
-def _forwards(height: int, width: int, options: GenerationOptions) -> int:
-    """Transformer forwards of one denoise (what :func:`~genrefocus_core.sampler.denoise` counts)."""
-    if not should_tile(height, width, tiling=options.tiling, tile_size=options.tile_size):
-        return options.steps
-    t = options.tile_size // 16
-    lay = TileLayout(height // 16, width // 16, tile=t, overlap=int(t * options.tile_overlap))
-    return options.steps * len(lay)
-
-
-class _Progress:
-    """One ``on_step(done, total)`` across frames and stages (per step and tile)."""
-
-    def __init__(self, total: int, on_step: OnStep | None) -> None:
-        self.total, self.done, self.on_step = max(int(total), 1), 0, on_step
-
-    def stage(self, units: int) -> OnStep | None:
-        base = self.done
-        self.done = base + units
-        if self.on_step is None:
-            return None
-        cb = self.on_step
-
-        def on_step(done: int, _n: int) -> None:
-            cb(min(base + done, self.total), self.total)
-
-        return on_step
-
-    def tick(self) -> None:
-        self.done += 1
-        if self.on_step is not None:
-            self.on_step(min(self.done, self.total), self.total)
-
-
-# ------------------------------------------------------------------------------------------------
-# Stages
-# ------------------------------------------------------------------------------------------------
-
-
-def _resize(image: Tensor, long_side: int) -> tuple[Tensor, ResizeInfo]:
-    return resize_for_generation(image.float(), long_side)
 
 
 @contextlib.contextmanager
@@ -343,125 +268,14 @@ def _park_depth(models: GenfocusModels, depth_model: DepthModel | None) -> None:
         depth_model.to(models.offload_device)
 
 
-def _deblur_frames(
-    models: GenfocusModels,
-    image: Tensor,
-    info: ResizeInfo,
-    *,
-    pre_deblurred: Tensor | None,
-    pre_deblur_variant: bool,
-    long_side: int,
-    geometry: str,
-    options: GenerationOptions,
-    progress: _Progress,
-) -> Tensor:
-    variant = pre_deblur_variant or pre_deblurred is not None
-    adapter = ADAPTER_PRE_DEBLUR if variant else ADAPTER_DEBLUR
-    if pre_deblurred is not None and geometry == "aligned" and pre_deblurred.shape[-2:] == image.shape[-2:]:
-        pre_deblurred = _resize(pre_deblurred, long_side)[0]  # same scale and crop as the photo
-    processed = _resize(image, long_side)[0]
-    h, w = processed.shape[-2:]
-    out = []
-    for i in range(processed.shape[0]):
-        pre = None if pre_deblurred is None else pre_deblurred[min(i, pre_deblurred.shape[0] - 1) :][:1]
-        res = deblur(
-            models,
-            processed[i : i + 1],
-            adapter=adapter,
-            pre_deblurred=pre,
-            pre_deblur_variant=variant,
-            options=options,
-            on_step=progress.stage(_forwards(h, w, options)),
-        )
-        out.append(res.image.to(image.device))
-    return torch.cat(out)
-
-
-def _bokeh_frames(
-    models: GenfocusModels,
-    aif: Tensor,
-    info: ResizeInfo,
-    *,
-    input_size: tuple[int, int],
-    depth_model: DepthModel | None,
-    depth: DepthMap | None,
-    defocus: DefocusMap | None,
-    focus: FocusTarget | None,
-    k: float,
-    geometry: str,
-    options: GenerationOptions,
-    progress: _Progress,
-) -> tuple[Tensor, Tensor, DefocusMap, DepthMap]:
-    """BokehNet over the frames of a processed-size AIF; returns (image, D_def, coc, depth)."""
-    b, _, h, w = aif.shape
-    given = None if depth is None else depth_to_processed(depth, info, geometry)
-    target = focus_to_processed(focus or FocusTarget("center"), info, geometry)
-    images, d_defs, cocs, disps, depths_m = [], [], [], [], []
-    metric, focal, source = True, None, "defocus"
-    for i in range(b):
-        frame = aif[i : i + 1]
-        if defocus is not None:
-            disp = defocus.disparity[min(i, defocus.disparity.shape[0] - 1) :][:1].to(aif)
-            if tuple(disp.shape[-2:]) != (h, w):
-                if tuple(disp.shape[-2:]) != input_size:
-                    raise GenRefocusInputError(
-                        f"defocus.disparity must have the size of the coc map, got {tuple(disp.shape[-2:])}"
-                    )
-                disp = resize_like(disp, (h, w)) if geometry == "official" else to_processed(disp, info)
-            fd = defocus.focus_disparity.flatten()
-            fd = fd[min(i, fd.numel() - 1) :][:1].to(aif)
-            dm = DefocusMap(signed_coc(disp, fd, defocus.k), disp, defocus.k, fd, defocus.metric)
-            metric, dmap_m = defocus.metric, None
-        else:
-            if given is None:  # check_inputs guarantees a depth model then
-                with _depth_in_use(models, depth_model):
-                    dmap = depth_model.estimate(frame)
-                progress.tick()
-            else:
-                dmap = DepthMap(
-                    given.disparity[min(i, given.batch_size - 1) :][:1].to(aif),
-                    given.metric,
-                    None
-                    if given.depth_m is None
-                    else given.depth_m[min(i, given.batch_size - 1) :][:1].to(aif),
-                    given.focal_px,
-                    given.source,
-                )
-            metric, focal, source, dmap_m = dmap.metric, dmap.focal_px, dmap.source, dmap.depth_m
-            dm = defocus_map(dmap.disparity, frame_focus(target, i), k, metric=dmap.metric)
-        d_def = defocus_condition_map(dm.coc)
-        res = bokeh(models, frame, d_def, adapter=ADAPTER_BOKEH, options=options,
-                    on_step=progress.stage(_forwards(h, w, options)))
-        images.append(res.image.to(aif.device))
-        d_defs.append(d_def)
-        cocs.append(dm)
-        disps.append(dm.disparity)
-        depths_m.append(dmap_m)
-    coc = DefocusMap(
-        torch.cat([c.coc for c in cocs]),
-        torch.cat(disps),
-        cocs[0].k,
-        torch.cat([c.focus_disparity.flatten() for c in cocs]),
-        metric,
+def _backend(models: GenfocusModels) -> Backend:
+    return Backend(
+        check=partial(check_inputs, models=models),  # it checks the adapters and prompts too
+        deblur=partial(deblur, models),
+        bokeh=partial(bokeh, models),
+        depth_in_use=partial(_depth_in_use, models),
+        park_depth=partial(_park_depth, models),
     )
-    depth_m = torch.cat(depths_m) if all(d is not None for d in depths_m) else None
-    used = DepthMap(coc.disparity, metric, depth_m, focal, source)
-    return torch.cat(images), torch.cat(d_defs), coc, used
-
-
-def _finish(
-    image: Tensor,
-    aif: Tensor,
-    info: ResizeInfo,
-    restore_size: bool,
-    defocus: Tensor | None = None,
-    coc: DefocusMap | None = None,
-    depth: DepthMap | None = None,
-) -> RefocusResult:
-    if restore_size:
-        image = restore_input_size(image, info)
-        aif = image if aif is image else restore_input_size(aif, info)
-    return RefocusResult(image, aif, defocus, coc, depth, info)
 
 
 def deblur_image(
@@ -502,30 +316,9 @@ def deblur_image(
         >>> out.image.shape == photo.shape  # doctest: +SKIP
         True
     """
-    info = check_inputs(
-        image,
-        stage="deblur",
-        models=models,
-        options=options,
-        pre_deblurred=pre_deblurred,
-        pre_deblur_variant=pre_deblur_variant,
-        long_side=long_side,
-        geometry=geometry,
-    )
-    h, w = info.size[1], info.size[0]
-    progress = _Progress(image.shape[0] * _forwards(h, w, options), on_step)
-    aif = _deblur_frames(
-        models,
-        image,
-        info,
-        pre_deblurred=pre_deblurred,
-        pre_deblur_variant=pre_deblur_variant,
-        long_side=long_side,
-        geometry=geometry,
-        options=options,
-        progress=progress,
-    )
-    return _finish(aif, aif, info, restore_size)
+    return run_stages(_backend(models), "deblur", image, options=options, pre_deblurred=pre_deblurred,
+                      pre_deblur_variant=pre_deblur_variant, long_side=long_side, geometry=geometry,
+                      restore_size=restore_size, on_step=on_step)
 
 
 def bokeh_image(
@@ -576,40 +369,9 @@ def bokeh_image(
         >>> float(out.defocus.max()) <= 1.0  # doctest: +SKIP
         True
     """
-    info = check_inputs(
-        aif,
-        stage="bokeh",
-        models=models,
-        k=k,
-        options=options,
-        depth_model=depth_model,
-        depth=depth,
-        defocus=defocus,
-        focus=focus,
-        long_side=long_side,
-        geometry=geometry,
-    )
-    processed = _resize(aif, long_side)[0]
-    if (defocus.k if defocus is not None else k) == 0:
-        return _finish(processed, processed, info, restore_size)
-    h, w = info.size[1], info.size[0]
-    units = _forwards(h, w, options) + (1 if depth_model is not None else 0)
-    progress = _Progress(aif.shape[0] * units, on_step)
-    image, d_def, coc, used = _bokeh_frames(
-        models,
-        processed,
-        info,
-        input_size=tuple(aif.shape[-2:]),
-        depth_model=depth_model,
-        depth=depth,
-        defocus=defocus,
-        focus=focus,
-        k=k,
-        geometry=geometry,
-        options=options,
-        progress=progress,
-    )
-    return _finish(image, processed, info, restore_size, d_def, coc, used)
+    return run_stages(_backend(models), "bokeh", aif, depth_model=depth_model, depth=depth, defocus=defocus,
+                      focus=focus, k=k, options=options, long_side=long_side, geometry=geometry,
+                      restore_size=restore_size, on_step=on_step)
 
 
 def refocus(
@@ -666,50 +428,7 @@ def refocus(
         >>> out.image.shape == out.aif.shape  # doctest: +SKIP
         True
     """
-    info = check_inputs(
-        image,
-        stage="refocus",
-        models=models,
-        k=k,
-        options=options,
-        depth_model=depth_model,
-        depth=depth,
-        focus=focus,
-        pre_deblurred=pre_deblurred,
-        pre_deblur_variant=pre_deblur_variant,
-        long_side=long_side,
-        geometry=geometry,
-    )
-    h, w = info.size[1], info.size[0]
-    fw = _forwards(h, w, options)
-    units = fw if k == 0 else 2 * fw + (1 if depth_model is not None else 0)
-    progress = _Progress(image.shape[0] * units, on_step)
-    _park_depth(models, depth_model if k > 0 else None)
-    aif = _deblur_frames(
-        models,
-        image,
-        info,
-        pre_deblurred=pre_deblurred,
-        pre_deblur_variant=pre_deblur_variant,
-        long_side=long_side,
-        geometry=geometry,
-        options=options,
-        progress=progress,
-    )
-    if k == 0:
-        return _finish(aif, aif, info, restore_size)
-    out, d_def, coc, used = _bokeh_frames(
-        models,
-        aif,
-        info,
-        input_size=tuple(image.shape[-2:]),
-        depth_model=depth_model,
-        depth=depth,
-        defocus=None,
-        focus=focus,
-        k=k,
-        geometry=geometry,
-        options=options,
-        progress=progress,
-    )
-    return _finish(out, aif, info, restore_size, d_def, coc, used)
+    return run_stages(_backend(models), "refocus", image, depth_model=depth_model, depth=depth, focus=focus,
+                      k=k, options=options, pre_deblurred=pre_deblurred,
+                      pre_deblur_variant=pre_deblur_variant, long_side=long_side, geometry=geometry,
+                      restore_size=restore_size, on_step=on_step)

@@ -39,6 +39,7 @@ __all__ = [
     "SINGLE_BLOCK_LORA_MODULES",
     "adapter_scales",
     "check_forward_inputs",
+    "check_guidance",
     "flux_forward",
     "lora_target_modules",
 ]
@@ -330,6 +331,29 @@ def check_forward_inputs(
             )
 
 
+def check_guidance(guidance_embeds: bool, guidance: float | None, *, strict: bool = False) -> None:
+    """Raise unless ``guidance`` is a number for a guidance-distilled FLUX (FLUX.1-dev); with ``strict``,
+    also unless it is None for a FLUX without guidance embedding (otherwise it is ignored there).
+
+    Raises:
+        GenRefocusInputError: naming the guidance given.
+
+    Example:
+        >>> check_guidance(True, 3.5); check_guidance(False, None, strict=True)
+        >>> check_guidance(False, 3.5, strict=True)  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        GenRefocusInputError: guidance must be None for a FLUX without guidance embedding, got 3.5
+    """
+    if guidance_embeds and guidance is None:
+        raise GenRefocusInputError(
+            "guidance must be a number for a guidance-distilled FLUX (FLUX.1-dev), got None"
+        )
+    if strict and not guidance_embeds and guidance is not None:
+        raise GenRefocusInputError(
+            f"guidance must be None for a FLUX without guidance embedding, got {guidance}"
+        )
+
+
 def flux_forward(
     transformer: nn.Module,
     latents: Tensor,
@@ -384,11 +408,7 @@ def flux_forward(
         torch.Size([1, 4, 4])
     """
     check_forward_inputs(transformer.config, latents, latent_ids, timestep, prompt_embeds, pooled, conditions)
-    has_guidance = bool(transformer.config.guidance_embeds)
-    if has_guidance and guidance is None:
-        raise GenRefocusInputError(
-            "guidance must be a number for a guidance-distilled FLUX (FLUX.1-dev), got None"
-        )
+    check_guidance(bool(transformer.config.guidance_embeds), guidance)
     if condition_cache is not None and not conditions:
         raise GenRefocusInputError("condition_cache needs conditions, got none")
     cache = None

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from .conditions import ConditionTokens, _pil_resize, pack_latents, vae_input_from_image
 from .errors import GenRefocusInputError
-from .sampler import FlowShift, TileLayout, flow_sigmas, flux_mu, should_tile
+from .sampler import FlowShift, TileLayout, denoise, flow_sigmas, flux_mu, should_tile
 
 if TYPE_CHECKING:
     from .genpipe import GenerationOptions
@@ -147,10 +147,56 @@ def check_token_grid(
     return h, w
 
 
+@dataclass(frozen=True)
+class SamplingPlan:
+    """One denoise of a ``height x width`` px image: token grid, tiles (None = untiled), shifted sigmas.
+
+    ``str(plan)`` describes it for the log: ``"768x512 px (1536 tokens), 28 steps, untiled"``.
+    """
+
+    height: int
+    width: int
+    tiles: TileLayout | None
+    sigmas: Tensor
+    options: GenerationOptions
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """``(H / 16, W / 16)`` in tokens."""
+        return self.height // 16, self.width // 16
+
+    def __str__(self) -> str:
+        h, w = self.grid
+        tiles = self.tiles if self.tiles is not None else "untiled"
+        return f"{self.width}x{self.height} px ({h * w} tokens), {self.options.steps} steps, {tiles}"
+
+    def denoise(
+        self,
+        velocity: Callable[..., Tensor],
+        latents: Tensor,
+        latent_ids: Tensor,
+        conditions: Sequence[ConditionTokens],
+        **extra: Any,
+    ) -> Tensor:
+        """:func:`~genrefocus_core.sampler.denoise` with this plan (``extra``: ``on_step`` ...)."""
+        return denoise(
+            velocity,
+            latents,
+            self.grid,
+            self.sigmas,
+            conditions=conditions,
+            latent_ids=latent_ids,
+            tiles=self.tiles,
+            tile_batch=self.options.tile_batch,
+            keep_condition_deltas=self.options.keep_condition_deltas,
+            **extra,
+        )
+
+
 def sampling_plan(
     options: GenerationOptions, shift: FlowShift, height: int, width: int, device: torch.device
-) -> tuple[TileLayout | None, Tensor]:
-    """The tiles (None = untiled) and the shifted sigmas of one denoise of a ``height x width`` px image."""
+) -> SamplingPlan:
+    """Tiles and the shifted sigmas (§5; ``options.mu``) of one denoise of a ``height x width`` px image."""
     h, w = height // 16, width // 16
     tiled = should_tile(height, width, tiling=options.tiling, tile_size=options.tile_size)
     tile = options.tile_size // 16
@@ -160,7 +206,17 @@ def sampling_plan(
         n_mu = min(max(n_mu, shift.base_seq_len), shift.max_seq_len)
     elif options.mu == "tile" and tiles is not None:
         n_mu = tiles.tile_shape[0] * tiles.tile_shape[1]
-    return tiles, flow_sigmas(options.steps, h * w, shift=shift, mu=flux_mu(n_mu, shift), device=device)
+    sigmas = flow_sigmas(options.steps, h * w, shift=shift, mu=flux_mu(n_mu, shift), device=device)
+    return SamplingPlan(height, width, tiles, sigmas, options)
+
+
+def check_condition(i: int, condition: ConditionInput, height: int, width: int) -> None:
+    """Raise unless ``conditions[i]`` has the pixels ``(1, 3, height, width)`` of the first one."""
+    if tuple(condition.pixels.shape) != (1, 3, height, width):
+        raise GenRefocusInputError(
+            f"conditions[{i}].pixels must have shape (1, 3, {height}, {width}), "
+            f"got {tuple(condition.pixels.shape)}"
+        )
 
 
 def initial_latents(
@@ -209,6 +265,39 @@ def condition_tokens(
     return tokens
 
 
+def _per_frame(
+    generate: GenerateFn,
+    n: int,
+    conditions_of: Callable[[int], list[ConditionInput]],
+    device: torch.device,
+    *,
+    prompt: str,
+    guidance: float,
+    shared: bool,
+    noise_seed: int,
+    noise: Tensor | None,
+    options: GenerationOptions,
+    on_step: OnStep | None,
+) -> GenerationResult:
+    """``generate`` on the conditions of each of ``n`` frames, each with fresh RNGs (:func:`generators`)."""
+
+    def one(i: int) -> GenerationResult:
+        conds = conditions_of(i)
+        g_noise, g_cond = generators(options, device, shared=shared, noise_seed=noise_seed)
+        return generate(
+            conds,
+            prompt=prompt,
+            guidance=guidance,
+            noise_generator=g_noise,
+            condition_generator=g_cond,
+            noise=noise,
+            options=options,
+            on_step=on_step,
+        )
+
+    return per_image(one, n)
+
+
 def deblur_batch(
     generate: GenerateFn,
     image: Tensor,
@@ -222,7 +311,7 @@ def deblur_batch(
 ) -> GenerationResult:
     """DeblurNet per frame: ``[blurry]``, or ``[pre-deblurred at column +32, blurry]`` for the variant."""
 
-    def one(i: int) -> GenerationResult:
+    def conditions_of(i: int) -> list[ConditionInput]:
         img = image[i : i + 1]
         conds = [ConditionInput(img, adapter, (0, 0))]
         if variant:
@@ -234,18 +323,11 @@ def deblur_batch(
                 # parity: upstream always LANCZOS-resizes the pre-deblurred image to the processed size
                 pre = _pil_resize(pre, (int(w), int(h)))
             conds = [ConditionInput(pre, adapter, PRE_DEBLUR_DELTA), conds[0]]
-        g_noise, g_cond = generators(options, device, shared=True, noise_seed=CONDITION_SEED)
-        return generate(
-            conds,
-            prompt="deblur",
-            guidance=DEBLUR_GUIDANCE,
-            noise_generator=g_noise,
-            condition_generator=g_cond,
-            options=options,
-            on_step=on_step,
-        )
+        return conds
 
-    return per_image(one, image.shape[0])
+    return _per_frame(generate, image.shape[0], conditions_of, device, prompt="deblur",
+                      guidance=DEBLUR_GUIDANCE, shared=True, noise_seed=CONDITION_SEED, noise=None,
+                      options=options, on_step=on_step)
 
 
 def bokeh_batch(
@@ -261,23 +343,14 @@ def bokeh_batch(
 ) -> GenerationResult:
     """BokehNet per frame: ``[AIF, D_def]``, the map replicated to 3 channels and not preprocessed."""
 
-    def one(i: int) -> GenerationResult:
+    def conditions_of(i: int) -> list[ConditionInput]:
         d = defocus[min(i, defocus.shape[0] - 1) :][:1]
         d = d.expand(-1, 3, -1, -1) if d.shape[1] == 1 else d
-        conds = [
+        return [
             ConditionInput(image[i : i + 1], adapter, (0, 0)),
             ConditionInput(d.contiguous(), adapter, (0, 0), preprocess=False),
         ]
-        g_noise, g_cond = generators(options, device, shared=False, noise_seed=BOKEH_NOISE_SEED)
-        return generate(
-            conds,
-            prompt="bokeh",
-            guidance=BOKEH_GUIDANCE,
-            noise_generator=g_noise,
-            condition_generator=g_cond,
-            noise=noise,
-            options=options,
-            on_step=on_step,
-        )
 
-    return per_image(one, image.shape[0])
+    return _per_frame(generate, image.shape[0], conditions_of, device, prompt="bokeh",
+                      guidance=BOKEH_GUIDANCE, shared=False, noise_seed=BOKEH_NOISE_SEED, noise=noise,
+                      options=options, on_step=on_step)

@@ -36,6 +36,7 @@ from ._generation import (
     ConditionInput,
     GenerationResult,
     bokeh_batch,
+    check_condition,
     check_token_grid,
     condition_tokens,
     deblur_batch,
@@ -56,7 +57,7 @@ from .errors import GenRefocusInputError
 from .flux_lora import flux_forward
 from .memory import execution_device_dtype, place_adapters, should_tile_vae, vae_tiling
 from .prompts import PromptEmbedding
-from .sampler import FLUX_DEV_SHIFT, FlowShift, denoise
+from .sampler import FLUX_DEV_SHIFT, FlowShift
 
 __all__ = [
     "BOKEH_GUIDANCE",
@@ -237,9 +238,8 @@ def generate_from_tokens(
     h, w = check_token_grid(latents, conditions, height, width)
     device, dtype = _model_device_dtype(models)
     emb = _prompt(models, prompt, device, dtype)
-    tiles, sigmas = sampling_plan(options, models.shift, height, width, device)
-    shown = tiles if tiles is not None else "untiled"
-    logger.info("generating %dx%d px (%d tokens), %d steps, %s", width, height, h * w, options.steps, shown)
+    plan = sampling_plan(options, models.shift, height, width, device)
+    logger.info("generating %s", plan)
 
     def velocity(
         x: Tensor,
@@ -275,16 +275,11 @@ def generate_from_tokens(
     latents = latents.to(device=device, dtype=dtype)
     ids = latent_image_ids(h, w, device=device)
     with torch.no_grad():
-        final = denoise(
+        final = plan.denoise(
             velocity,
             latents,
-            (h, w),
-            sigmas,
-            conditions=conditions,
-            latent_ids=ids,
-            tiles=tiles,
-            tile_batch=options.tile_batch,
-            keep_condition_deltas=options.keep_condition_deltas,
+            ids,
+            conditions,
             on_step=on_step,
             on_velocity=on_velocity if record else None,
             condition_cache=cache_mode,
@@ -298,8 +293,8 @@ def generate_from_tokens(
             {
                 "init_latents": latents,
                 "latent_image_ids": ids,
-                "scheduler_sigmas": sigmas,
-                "step_timesteps": sigmas[:-1] * 1000.0,
+                "scheduler_sigmas": plan.sigmas,
+                "step_timesteps": plan.sigmas[:-1] * 1000.0,
                 "step_model_output": torch.stack(outs),
                 "step_latents": torch.stack(lats),
                 "vae_decode_input": z,
@@ -351,11 +346,7 @@ def generate(
     height, width = conditions[0].pixels.shape[-2:]
     for i, c in enumerate(conditions):
         check_bchw(f"conditions[{i}].pixels", c.pixels, 3)
-        if tuple(c.pixels.shape) != (1, 3, height, width):
-            raise GenRefocusInputError(
-                f"conditions[{i}].pixels must have shape (1, 3, {height}, {width}), "
-                f"got {tuple(c.pixels.shape)}"
-            )
+        check_condition(i, c, height, width)
     shape = (1, models.transformer.config.in_channels // 4, height // 8, width // 8)
     latents = initial_latents(noise, shape, noise_generator, device, dtype)
 

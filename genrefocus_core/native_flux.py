@@ -29,7 +29,6 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -361,17 +360,7 @@ def _single_block(i: int, block: Any, st: _State, attention: AttentionFn) -> Non
     st.txt, st.x = z[:, :n_txt], z[:, n_txt:]
 
 
-def _check_inputs(
-    dims: SimpleNamespace,
-    latents: Tensor,
-    latent_ids: Tensor,
-    timestep: Tensor,
-    prompt_embeds: Tensor,
-    pooled: Tensor,
-    conditions: Sequence[ConditionTokens],
-    loras: Mapping[str, NativeLora],
-) -> None:
-    check_forward_inputs(dims, latents, latent_ids, timestep, prompt_embeds, pooled, conditions)
+def _check_adapters(conditions: Sequence[ConditionTokens], loras: Mapping[str, NativeLora]) -> None:
     for i, c in enumerate(conditions):
         if c.adapter is not None and c.adapter not in loras:
             raise GenRefocusModelError(
@@ -431,7 +420,8 @@ def native_flux_forward(
     """
     loras = {} if loras is None else dict(loras)
     dims = flux_dims(flux)
-    _check_inputs(dims, latents, latent_ids, timestep, prompt_embeds, pooled, conditions, loras)
+    check_forward_inputs(dims, latents, latent_ids, timestep, prompt_embeds, pooled, conditions)
+    _check_adapters(conditions, loras)
     check_guidance(dims.guidance_embeds, guidance, strict=True)
     attention = _sdpa if attention is None else attention
     b, n_img = latents.shape[0], latents.shape[1]

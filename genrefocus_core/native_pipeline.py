@@ -28,6 +28,7 @@ from ._generation import (
     ConditionInput,
     GenerationResult,
     bokeh_batch,
+    check_condition,
     check_token_grid,
     condition_tokens,
     deblur_batch,
@@ -45,7 +46,7 @@ from .models import ADAPTER_BOKEH, ADAPTER_DEBLUR, LORA_FILES
 from .native_flux import AttentionFn, NativeLora, flux_dims, native_flux_forward
 from .pipeline import DEFAULT_OPTIONS, check_inputs
 from .prompts import PromptEmbedding
-from .sampler import FLUX_DEV_SHIFT, FlowShift, denoise
+from .sampler import FLUX_DEV_SHIFT, FlowShift
 
 __all__ = [
     "DiffusersVaeCodec",
@@ -224,10 +225,9 @@ def native_generate_from_tokens(
         )
     device, dtype = torch.device(models.device), models.dtype
     emb = models.prompts[prompt].to(device=device, dtype=dtype)
-    tiles, sigmas = sampling_plan(options, models.shift, height, width, device)
+    plan = sampling_plan(options, models.shift, height, width, device)
     g = guidance if flux_dims(models.flux).guidance_embeds else None
-    shown = tiles if tiles is not None else "untiled"
-    logger.info("native: %dx%d px (%d tokens), %d steps, %s", width, height, h * w, options.steps, shown)
+    logger.info("native: %s", plan)
 
     def velocity(x: Tensor, ids: Tensor, conds: Sequence[ConditionTokens], t: Tensor) -> Tensor:
         return native_flux_forward(
@@ -246,22 +246,14 @@ def native_generate_from_tokens(
     conditions = [
         c.with_tokens(c.tokens.to(device=device, dtype=dtype), c.ids.to(device)) for c in conditions
     ]
+    tiles = plan.tiles
     if models.prepare is not None:
         per_call = tiles.tile_shape[0] * tiles.tile_shape[1] * options.tile_batch if tiles else h * w
         models.prepare(per_call * latents.shape[0] * (1 + len(conditions)))
     with torch.no_grad():
-        final = denoise(
-            velocity,
-            latents.to(device=device, dtype=dtype),
-            (h, w),
-            sigmas,
-            conditions=conditions,
-            latent_ids=latent_image_ids(h, w, device=device),
-            tiles=tiles,
-            tile_batch=options.tile_batch,
-            keep_condition_deltas=options.keep_condition_deltas,
-            on_step=on_step,
-        )
+        latents = latents.to(device=device, dtype=dtype)
+        ids = latent_image_ids(h, w, device=device)
+        final = plan.denoise(velocity, latents, ids, conditions, on_step=on_step)
         image = models.codec.decode(unpack_latents(final, height, width)).float()
     image = torch.round(image.clamp(0, 1) * 255.0) / 255.0
     return GenerationResult(image, image * 2 - 1, final)
@@ -301,11 +293,7 @@ def native_generate(
     device, dtype = torch.device(models.device), models.dtype
     height, width = (int(s) for s in conditions[0].pixels.shape[-2:])
     for i, c in enumerate(conditions):
-        if tuple(c.pixels.shape) != (1, 3, height, width):
-            raise GenRefocusInputError(
-                f"conditions[{i}].pixels must have shape (1, 3, {height}, {width}), "
-                f"got {tuple(c.pixels.shape)}"
-            )
+        check_condition(i, c, height, width)
         _require(models, adapter=c.adapter)
     shape = (1, flux_dims(models.flux).in_channels // 4, height // 8, width // 8)
     latents = initial_latents(noise, shape, noise_generator, device, dtype)

@@ -25,8 +25,6 @@ import torch
 from torch import Tensor
 
 from ._generation import (
-    ConditionInput,
-    GenerationResult,
     bokeh_batch,
     check_condition,
     check_token_grid,
@@ -41,7 +39,7 @@ from .defocus import DefocusMap, FocusTarget
 from .depth import DepthMap
 from .depth_models import DepthModel
 from .errors import GenRefocusInputError, GenRefocusModelError
-from .genpipe import GenerationOptions
+from .genpipe import ConditionInput, GenerationOptions, GenerationResult
 from .models import ADAPTER_BOKEH, ADAPTER_DEBLUR, LORA_FILES
 from .native_flux import AttentionFn, NativeLora, flux_dims, native_flux_forward
 from .pipeline import DEFAULT_OPTIONS, check_inputs

@@ -8,6 +8,8 @@
 
 :func:`deblur_image` and :func:`bokeh_image` run the first and the second half on their own.
 ``k == 0`` returns the all-in-focus image and skips depth and BokehNet, as the official demo.
+The order is written once, in :func:`~genrefocus_core._stages.run_stages`, which the native backend
+(:mod:`~genrefocus_core.native_pipeline`) shares; this module gives it the reference backend.
 
 Geometry (:mod:`~genrefocus_core.geometry`). Generation happens at the *processed size*
 (multiples of 16 px, §3). Inputs given at the photo's own geometry (depth maps, focus points and

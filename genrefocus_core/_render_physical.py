@@ -123,11 +123,9 @@ class _Accumulator:
         self.cov = like.new_zeros(n, 1, TILE, TILE)
         self.occ = like.new_zeros(n, 1, TILE, TILE)
         self.pending: tuple[Tensor, Tensor] | None = None  # the previous layer's alpha tiles
-        self.touched = False  # anything added yet
 
     def add(self, slots: Tensor, rgba: Tensor, gain: Tensor | None = None) -> None:
         """Add tiles (each slot once: the indexed additions are deterministic on every device)."""
-        self.touched = True
         weight = (1.0 - self.occ.index_select(0, slots)).clamp_(0.0, 1.0)
         if gain is not None:
             weight = weight * gain
@@ -165,10 +163,11 @@ class _Group:
     def __init__(self, acc: _Accumulator, s: int) -> None:
         self.acc = acc
         self.s = s
-        #: nothing nearer was accumulated before the group (its layers come first)
-        self.front = not acc.touched and acc.pending is None
         occ = acc.occ_image()
         self.before = F.avg_pool2d(occ[None], s)[0]
+        #: nothing occludes the group yet: exact and downsampled transmittance are both 1 at merge
+        #: (the layer just before it, if pending, only enters the group's own occlusion)
+        self.front = not bool(self.before.any())
         self.num = occ.new_zeros(3, *self.before.shape[-2:])
         self.cov = torch.zeros_like(self.before)
         self.occ = torch.zeros_like(self.before)
@@ -249,7 +248,6 @@ class _Group:
                     acc.cov.index_add_(0, slots, gain * t[:, 3:4])
                 if not final:
                     acc.occ.index_add_(0, slots, t[:, 4:5])
-                acc.touched = True
         acc.pending = None
         if last is not None:  # the group's last layer occludes from the layer after the next on
             (ys, xs), alpha = last

@@ -15,7 +15,7 @@ its time is estimated from the measured ns per tap of the same ``K`` at the smal
 (taps = sum over pixels of ``(2 floor(r) + 3)**2``) and marked ``~est``. Last, one 3840x2160 render
 of "physical" with a largest CoC radius of about 100 px (best of two or more: the first includes
 one-off setup). ``--quick``: 1 MP only, one run each. From 2 MP on every method runs inside
-``genrefocus_core._malloc.reuse_freed_memory`` (``render_bokeh`` does that itself; the scatter is
+``genrefocus_core._malloc.render_memory`` (``render_bokeh`` does that itself; the scatter is
 wrapped here), so no method pays for page faults the others do not.
 """
 
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from genrefocus_core._malloc import reuse_freed_memory  # noqa: E402
+from genrefocus_core._malloc import render_memory  # noqa: E402
 from genrefocus_core._render_bokehme import bokehme_disparity  # noqa: E402
 from genrefocus_core.renderer import render_bokeh  # noqa: E402
 from genrefocus_core.renderer_reference import scatter_reference  # noqa: E402
@@ -157,8 +157,7 @@ def main() -> None:
             else:
                 # one run when it is long anyway (minutes at 4 MP): the noise is small against it
                 reps = 1 if (predicted or 0.0) > 10.0 or mp > sizes[0] else repeat
-                # same allocator setting as render_bokeh gives the other two from 2 MP on
-                with reuse_freed_memory(h * w >= 2_000_000):
+                with render_memory(img):  # the allocator setting render_bokeh gives the other two
                     t_sc, res_sc = best_time(partial(scatter_reference, img, disp, k=k, disp_focus=D_F,
                                                      gamma=GAMMA), reps)
                 last_ns = t_sc / n_taps * 1e9

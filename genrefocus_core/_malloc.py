@@ -12,14 +12,16 @@ arithmetic. Measured on the 2-core CI-class VM (``bench/renderer.py``, 3840x2160
 so freed blocks are reused instead of unmapped, and on leaving the outermost one sets the
 thresholds to the values glibc's own dynamic rule settles on in a long-running PyTorch process
 (mmap 32 MiB, trim 64 MiB) and returns the free memory to the system with ``malloc_trim(0)``:
-the process does not keep the render's peak. :func:`~genrefocus_core.renderer.render_bokeh` uses it
-for CPU renders from 2 MP on (below, a 4-channel float plane stays under 32 MiB and glibc reuses it
-anyway; trimming after every small render would only add faults). Elsewhere (other C libraries,
-other systems, GPU tensors) it does nothing. ``GENREFOCUS_MALLOC_TUNING=0`` turns it off.
+the process does not keep the render's peak. :func:`render_memory` applies it to CPU renders from
+2 MP on, for :func:`~genrefocus_core.renderer.render_bokeh` and the benchmark's scatter (below, a
+4-channel float plane stays under 32 MiB and glibc reuses it anyway; trimming after every small
+render would only add faults). Elsewhere (other C libraries, other systems, GPU tensors) it does
+nothing. ``GENREFOCUS_MALLOC_TUNING=0`` turns it off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -29,7 +31,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["reuse_freed_memory"]
+from torch import Tensor
+
+__all__ = ["LARGE_RENDER_PIXELS", "render_memory", "reuse_freed_memory"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +42,9 @@ _M_MMAP_THRESHOLD = -3
 _DURING = 2**31 - 1  # largest value mallopt takes: blocks up to 2 GiB come from the heap
 _MMAP_AFTER = 32 * 2**20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit systems
 _TRIM_AFTER = 2 * _MMAP_AFTER  # the dynamic rule keeps trim at twice the mmap threshold
+
+#: Pixels (batch included) from which a render's 4-channel float planes pass glibc's 32 MiB mmap limit
+LARGE_RENDER_PIXELS = 2_000_000
 
 _lock = threading.Lock()
 _depth = 0
@@ -95,3 +102,16 @@ def reuse_freed_memory(enabled: bool = True) -> Iterator[None]:
                 libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_AFTER)
                 libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_AFTER)
                 libc.malloc_trim(0)
+
+
+def render_memory(image: Tensor) -> contextlib.AbstractContextManager[None]:
+    """:func:`reuse_freed_memory` for a render of ``image`` ``(B, C, H, W)``: on for CPU tensors of at
+    least :data:`LARGE_RENDER_PIXELS` pixels, a no-op otherwise.
+
+    Example:
+        >>> import torch
+        >>> with render_memory(torch.zeros(1, 3, 8, 8)):  # small: the allocator is left alone
+        ...     pass
+    """
+    b, _, h, w = image.shape
+    return reuse_freed_memory(image.device.type == "cpu" and b * h * w >= LARGE_RENDER_PIXELS)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_render_inputs
-from ._malloc import reuse_freed_memory
+from ._malloc import render_memory
 from .aperture import Aperture
 from .errors import GenRefocusInputError
 
@@ -96,9 +96,7 @@ def render_bokeh(
             f"px on a {w}x{h} image; lower k or move the focus (disp_focus={disp_focus:g})"
         )
     disparity = disparity.to(image.dtype).expand(image.shape[0], -1, -1, -1)
-    # a 4-channel float plane passes glibc's 32 MiB mmap limit from ~2 MP on: keep such blocks
-    big = image.device.type == "cpu" and image.shape[0] * h * w >= 2_000_000
-    with torch.no_grad(), reuse_freed_memory(big):
+    with torch.no_grad(), render_memory(image):
         if mode == "bokehme":
             from ._render_bokehme import render_bokehme
 

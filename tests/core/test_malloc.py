@@ -83,3 +83,20 @@ def test_environment_switch_turns_it_off(monkeypatch):
     monkeypatch.setattr(_malloc, "_libc", None)
     assert _malloc._glibc() is None
     monkeypatch.setattr(_malloc, "_probed", False)  # probed again after the test, as at import
+
+
+@glibc
+def test_render_memory_switches_on_from_the_large_render_size_on_cpu():
+    from genrefocus_core._malloc import LARGE_RENDER_PIXELS, render_memory
+
+    side = int(LARGE_RENDER_PIXELS**0.5) + 1
+    large = torch.zeros(1, 1, 1, 1).expand(1, 3, side, side)
+    small = torch.zeros(1, 1, 1, 1).expand(1, 3, side - 2, side - 2)
+    with render_memory(large):
+        assert _malloc._depth == 1
+    with render_memory(small):
+        assert _malloc._depth == 0
+    with render_memory(torch.zeros(1, 1, 1, 1).expand(2, 3, side // 2 + 1, side)):  # batch counts
+        assert _malloc._depth == 1
+    with render_memory(torch.zeros(1, 3, side, side, device="meta")):  # not a CPU tensor
+        assert _malloc._depth == 0
